@@ -1,0 +1,23 @@
+"""fcnzoo's model zoo: landmark CNNs in Flax NNX behind one registry.
+
+    import zoo
+    zoo.list_models()
+    model = zoo.create_model("resnet50", num_classes=10)
+    zoo.summarize(model, input_shape=(224, 224, 3), batch_size=32)
+"""
+
+from zoo.classifier import Classifier, Head, check_images, dense_head, output_shape
+from zoo.registry import ModelSpec, count_params, create_model, get_spec, list_models, register
+
+# Each family file registers its variants when imported.
+from zoo import lenet, alexnet, vgg, googlenet, resnet, xception, efficientnet  # noqa: E402,F401
+
+try:  # the summary module is optional while it is being written
+    from zoo.summary import summarize  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = [
+    "Classifier", "Head", "ModelSpec", "check_images", "count_params", "create_model",
+    "dense_head", "get_spec", "list_models", "output_shape", "register", "summarize",
+]

@@ -1,0 +1,86 @@
+"""The `zoo` command line.
+
+Each package contributes its own subcommands through a function
+`add_commands(subparsers)` in one module listed in `COMMAND_MODULES`; this
+file owns only the entry point and `zoo list`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+COMMAND_MODULES = (
+    "zoo.summary",        # zoo summary
+    "zoo.importers.cli",  # zoo import keras|torch
+    "convert.cli",        # zoo convert, zoo predict-dense
+    "train.cli",          # zoo data prepare, zoo train
+    "train.segment_cli",  # zoo segment
+)
+
+
+def _format_table(rows: list[list[str]], header: list[str], right: set[int] = frozenset()) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_list(args) -> int:
+    from zoo.registry import get_spec, list_models
+
+    specs = [get_spec(n) for n in list_models()]
+    if args.family:
+        specs = [s for s in specs if s.family == args.family]
+    if args.json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        return 0
+    rows = [[s.name, f"{s.num_params:,}", "x".join(map(str, s.input_shape)),
+             "x".join(map(str, s.min_size)), s.head_kind, str(s.total_stride),
+             ", ".join(s.pretrained) or "-", f"{s.paper.split(',')[0]} {s.year}", s.introduced]
+            for s in specs]
+    header = ["model", "params", "input", "min", "head", "stride", "weights", "paper", "introduced"]
+    print(_format_table(rows, header, right={1, 5}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zoo", description="Landmark CNNs in Flax NNX, and classifiers turned into FCNs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("list", help="list the registered models and their metadata")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--family", help="only this family (e.g. resnet)")
+    p.set_defaults(func=cmd_list)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                continue  # that package has no commands yet
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input is reported in one line; a bug still shows its traceback.
+        print(f"zoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The model registry: one `ModelSpec` per variant, with the facts a user looks up.
+
+Family files register their variants as data at import time:
+
+    register(ModelSpec(name="resnet50", family="resnet", builder=build_resnet,
+                       options={"block": "bottleneck", "stage_depths": (3, 4, 6, 3)}, ...))
+
+`create_model(name, ...)` calls `builder(num_classes=..., input_shape=..., include_top=...,
+dtype=..., rngs=..., **options)`, which returns a `zoo.classifier.Classifier`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything the registry knows about one model variant.
+
+    Attributes:
+        name: registry key, e.g. "resnet50".
+        family: architecture family, e.g. "resnet" (one source file per family).
+        builder: callable building the Classifier (see module docstring).
+        options: variant data passed to the builder (depths, widths, block kind, ...).
+        paper: "Author et al., Title"; year; url (arXiv or proceedings link).
+        introduced: one line on what the architecture brought (chapter 14, exercise 6).
+        input_shape: default (H, W, C).
+        min_size: smallest (H, W) the backbone accepts.
+        head_kind: "flatten" or "avg".
+        total_stride: input pixels per feature-map cell.
+        feature_shape: (h, w, c) of `features` at the default input.
+        num_params: published trainable-parameter count at the default num_classes and input.
+        num_classes: default number of classes (1000 for ImageNet models).
+        pretrained: tag -> weights file name inside zoo/weights (filled by the train package).
+    """
+
+    name: str
+    family: str
+    builder: Callable[..., nnx.Module]
+    options: dict[str, Any]
+    paper: str
+    year: int
+    url: str
+    introduced: str
+    input_shape: tuple[int, int, int]
+    min_size: tuple[int, int]
+    head_kind: str
+    total_stride: int
+    feature_shape: tuple[int, int, int]
+    num_params: int
+    num_classes: int = 1000
+    pretrained: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready data (the builder left out)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "builder"}
+        d["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()}
+        return d
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_families_loaded() -> None:
+    # Importing the package imports every family file, which registers its variants.
+    import zoo  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Names of every registered model, in registration order."""
+    _ensure_families_loaded()
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of `name`; an unknown name raises a ValueError listing the closest names."""
+    _ensure_families_loaded()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} Known models: {', '.join(_REGISTRY)} (see `zoo list`)."
+        )
+    return _REGISTRY[name]
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    input_size: tuple[int, int] | int | None = None,
+    in_channels: int | None = None,
+    include_top: bool = True,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs | int = 0,
+    pretrained: str | None = None,
+    **options,
+) -> nnx.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from `list_models()`.
+        num_classes: classes of the head (default: the spec's).
+        input_size: (H, W) or one int for square; matters for Flatten heads (default: the spec's).
+        in_channels: image channels (default: the spec's).
+        include_top: False returns the backbone's feature map (N, h, w, c) instead of logits.
+        dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16.
+        rngs: an `nnx.Rngs` or an int seed.
+        pretrained: tag of shipped weights (see `zoo list`); loads them offline.
+        **options: family options overriding the variant's (e.g. `aux_logits=True` for GoogLeNet).
+    Returns:
+        a `zoo.classifier.Classifier`, in train mode (call `.eval()` for inference).
+    """
+    spec = get_spec(name)
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    h, w = input_size if input_size is not None else spec.input_shape[:2]
+    c = in_channels if in_channels is not None else spec.input_shape[2]
+    if h < spec.min_size[0] or w < spec.min_size[1]:
+        raise ValueError(
+            f"{name} needs an input of at least {spec.min_size[0]}x{spec.min_size[1]}; got input_size=({h}, {w})"
+        )
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
+    if pretrained is not None:
+        from zoo import weights  # the train package fills zoo/weights; imported lazily
+
+        return weights.load_pretrained(name, pretrained, dtype=dtype, **options)
+    merged = {**spec.options, **options}
+    return spec.builder(
+        num_classes=num_classes if num_classes is not None else spec.num_classes,
+        input_shape=(h, w, c),
+        include_top=include_top,
+        dtype=dtype,
+        rngs=rngs,
+        name=name,
+        **merged,
+    )
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (nnx.Param leaves); BatchNorm statistics are not counted."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
