@@ -32,17 +32,18 @@ def _format_table(rows: list[list[str]], header: list[str], right: set[int] = fr
 
 
 def cmd_list(args) -> int:
+    from zoo.pretrained import available_tags
     from zoo.registry import get_spec, list_models
 
     specs = [get_spec(n) for n in list_models()]
     if args.family:
         specs = [s for s in specs if s.family == args.family]
     if args.json:
-        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        print(json.dumps([{**s.to_dict(), "pretrained": available_tags(s.name)} for s in specs], indent=2))
         return 0
     rows = [[s.name, f"{s.num_params:,}", "x".join(map(str, s.input_shape)),
              "x".join(map(str, s.min_size)), s.head_kind, str(s.total_stride),
-             ", ".join(s.pretrained) or "-", f"{s.paper.split(',')[0]} {s.year}", s.introduced]
+             ", ".join(available_tags(s.name)) or "-", f"{s.paper.split(',')[0]} {s.year}", s.introduced]
             for s in specs]
     header = ["model", "params", "input", "min", "head", "stride", "weights", "paper", "introduced"]
     print(_format_table(rows, header, right={1, 5}))

@@ -39,7 +39,6 @@ class ModelSpec:
         feature_shape: (h, w, c) of `features` at the default input.
         num_params: published trainable-parameter count at the default num_classes and input.
         num_classes: default number of classes (1000 for ImageNet models).
-        pretrained: tag -> weights file name inside zoo/weights (filled by the train package).
     """
 
     name: str
@@ -57,7 +56,6 @@ class ModelSpec:
     feature_shape: tuple[int, int, int]
     num_params: int
     num_classes: int = 1000
-    pretrained: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as JSON-ready data (the builder left out)."""
@@ -140,9 +138,9 @@ def create_model(
     if isinstance(rngs, int):
         rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
     if pretrained is not None:
-        from zoo import weights  # the train package fills zoo/weights; imported lazily
+        from zoo import pretrained as shipped
 
-        return weights.load_pretrained(name, pretrained, dtype=dtype, **options)
+        return shipped.load(name, pretrained, dtype=dtype, **options)
     merged = {**spec.options, **options}
     return spec.builder(
         num_classes=num_classes if num_classes is not None else spec.num_classes,
