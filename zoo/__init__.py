@@ -10,7 +10,7 @@ from zoo.classifier import Classifier, Head, check_images, dense_head, output_sh
 from zoo.registry import ModelSpec, count_params, create_model, get_spec, list_models, register
 
 # Each family file registers its variants when imported.
-from zoo import lenet, alexnet, vgg, googlenet, resnet, xception, efficientnet  # noqa: E402,F401
+from zoo import lenet, alexnet, vgg, googlenet, resnet, xception, efficientnet, mnistnet  # noqa: E402,F401
 
 try:  # the summary module is optional while it is being written
     from zoo.summary import summarize  # noqa: F401
