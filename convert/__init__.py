@@ -1,0 +1,21 @@
+"""Any trained classifier into a fully convolutional network, and dense prediction on any image size.
+
+    import convert
+    fcn = convert.to_fcn(classifier)              # same weights, no retraining
+    fcn(images)                                   # (N, H, W, C) -> (N, h', w', K)
+    fcn.geometry                                  # stride, receptive field, offset of each cell's window
+    predictor = convert.DensePredictor(fcn)       # one compilation per shape bucket
+    result = predictor.predict(image)             # result.scores (h', w', K), result.window(i, j)
+"""
+
+from convert.checkpoint import convert_checkpoint, load_fcn, save_fcn
+from convert.fcn import FCN, convert_head, to_fcn
+from convert.geometry import Geometry, shape_geometry, walk_geometry
+from convert.predict import DensePredictor, DenseScores, enable_compilation_cache, load_image, save_heatmap
+from convert.trace import ConversionError
+
+__all__ = [
+    "FCN", "ConversionError", "DensePredictor", "DenseScores", "Geometry", "convert_checkpoint", "convert_head",
+    "enable_compilation_cache", "load_fcn", "load_image", "save_fcn", "save_heatmap", "shape_geometry",
+    "to_fcn", "walk_geometry",
+]

@@ -1,0 +1,260 @@
+"""Dense prediction on images of any size, with one compilation per shape bucket.
+
+JAX compiles a function once per input shape, so a stream of differently sized
+images would compile for every image. The predictor pads each image (bottom and
+right) up to a bucket from a small geometric ladder of sizes, compiles once per
+bucket ahead of time (`jax.jit(...).lower(...).compile()`), caches the
+executable, and crops the output to the cells of the unpadded image.
+
+For VALID-padded networks the crop is exact: a cell whose window lies inside
+the image never sees the padding. Bucket sizes are R + k*S (R the receptive
+field, S the total stride), so no padded pixel is wasted on a partial window.
+SAME-padded networks zero-pad at every layer, so padding the image changes the
+cells near its bottom/right edge; bucketing is off for them unless asked for
+(then one compilation per distinct image shape otherwise).
+
+    predictor = DensePredictor(fcn)
+    result = predictor.predict(image)       # image: (H, W, C)
+    result.scores                           # (h', w', K)
+    result.window(i, j)                     # (top, left, height, width) in pixels
+    predictor.compilations                  # executables compiled so far
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.fcn import FCN
+from convert.geometry import Geometry
+
+
+def enable_compilation_cache(directory: str | os.PathLike) -> None:
+    """Keep compiled executables on disk so later processes skip compilation (JAX persistent cache)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@dataclasses.dataclass
+class DenseScores:
+    """Class scores of every window of one image.
+
+    scores: (h', w', K) logits, cell (i, j) judging the window `window(i, j)`.
+    geometry: stride, receptive field, offset of the grid in input pixels.
+    image_size: (H, W) of the image.
+    bucket: (H_b, W_b) the image was padded to before running.
+    """
+
+    scores: np.ndarray
+    geometry: Geometry
+    image_size: tuple[int, int]
+    bucket: tuple[int, int]
+
+    def window(self, i: int, j: int) -> tuple[int, int, int, int]:
+        return self.geometry.window(i, j)
+
+    def probabilities(self) -> np.ndarray:
+        """Softmax over classes, (h', w', K)."""
+        return np.asarray(jax.nn.softmax(jnp.asarray(self.scores), axis=-1))
+
+    def top_classes(self, k: int = 5) -> list[tuple[int, float]]:
+        """(class, highest probability over all windows), best first."""
+        best = self.probabilities().reshape(-1, self.scores.shape[-1]).max(axis=0)
+        order = np.argsort(-best)[:k]
+        return [(int(c), float(best[c])) for c in order]
+
+
+def validate_image(image, channels: int, min_size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) float32 array from `image`, or a ValueError that says what is wrong."""
+    array = np.asarray(image)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"the image must be a numeric array, got dtype {array.dtype}")
+    if array.ndim == 2 and channels == 1:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ValueError(f"expected one image shaped (H, W, {channels}), got shape {array.shape}")
+    if array.shape[-1] != channels:
+        raise ValueError(f"the model expects {channels} channel(s), the image has {array.shape[-1]} "
+                         f"(shape {array.shape}); convert it (e.g. Pillow's Image.convert('L' or 'RGB'))")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"the image has {bad} NaN or infinite pixel value(s); clean or clip it first")
+    if array.shape[0] < min_size[0] or array.shape[1] < min_size[1]:
+        raise ValueError(f"the image is {array.shape[0]}x{array.shape[1]} but the network needs at least "
+                         f"{min_size[0]}x{min_size[1]} pixels (its receptive field / training size) "
+                         f"for one output cell; pad or upscale it")
+    return array.astype(np.float32)
+
+
+def bucket_ladder(minimum: int, stride: int, maximum: int, ratio: float) -> list[int]:
+    """Sizes minimum + k*stride growing by about `ratio`, up to at least `maximum`."""
+    sizes, cells = [], 1
+    while True:
+        size = minimum + (cells - 1) * stride
+        sizes.append(size)
+        if size >= maximum:
+            return sizes
+        cells = max(cells + 1, math.ceil(cells * ratio))
+
+
+class DensePredictor:
+    """Runs an FCN on images of any size with a bounded number of compilations.
+
+    Args:
+        fcn: a converted network (`convert.to_fcn`).
+        bucketing: pad to shape buckets; default: on for VALID-padded networks (exact),
+            off for SAME-padded ones (padding would change the cells at the bottom/right edge).
+        ratio: growth factor of the bucket ladder (each axis); larger = fewer compilations,
+            more padding.
+        score_map: for average-pool heads, return the raw per-position scores instead of
+            one score per training-size window.
+    """
+
+    def __init__(self, fcn: FCN, *, bucketing: bool | None = None, ratio: float = 1.25, score_map: bool = False):
+        self.fcn = fcn
+        self.use_score_map = score_map and fcn.pool == "avg"
+        self.geometry = fcn.score_map_geometry if self.use_score_map else fcn.geometry
+        self.bucketing = self.geometry.valid if bucketing is None else bucketing
+        self.ratio = ratio
+        self.channels = fcn.input_shape[-1]
+        self.min_size = tuple(fcn.min_size)
+        self._graphdef, self._state = nnx.split(fcn)
+        self._executables: dict[tuple[int, int], object] = {}
+        self.compilations = 0
+        self.compile_seconds = 0.0
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def bucket_for(self, height: int, width: int) -> tuple[int, int]:
+        """The padded (H_b, W_b) an image of (height, width) runs at (after `used_size`)."""
+        if not self.bucketing:
+            return height, width
+        out = []
+        for axis, n in enumerate((height, width)):
+            first = self.geometry.receptive_field[axis] if self.geometry.valid else self.min_size[axis]
+            out.append(next(size for size in bucket_ladder(first, self.geometry.stride[axis], n, self.ratio)
+                            if size >= n))
+        return tuple(out)
+
+    def used_size(self, height: int, width: int) -> tuple[int, int]:
+        """Pixels any window reads: for VALID nets the rows/cols past the last whole window are dropped."""
+        if not self.geometry.valid:
+            return height, width
+        g = self.geometry
+        return tuple(r + (n - r) // s * s for n, r, s in zip((height, width), g.receptive_field, g.stride))
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h', w') of the unpadded image's output grid (VALID: floor((H - R) / S) + 1)."""
+        g = self.geometry
+        if g.valid:
+            return tuple((n - r) // s + 1 for n, r, s in zip((height, width), g.receptive_field, g.stride))
+        shape = jax.eval_shape(self._apply, self._state, jax.ShapeDtypeStruct((1, height, width, self.channels),
+                                                                              jnp.float32)).shape
+        return shape[1], shape[2]
+
+    def _apply(self, state, x):
+        fcn = nnx.merge(self._graphdef, state)
+        return fcn.score_map(x) if self.use_score_map else fcn(x)
+
+    def executable(self, bucket: tuple[int, int], batch: int = 1):
+        """The compiled function for inputs (batch, *bucket, C): compiled ahead of time on first use."""
+        key = (batch, *bucket)
+        if key not in self._executables:
+            import time
+
+            start = time.perf_counter()
+            spec = jax.ShapeDtypeStruct((batch, *bucket, self.channels), jnp.float32)
+            self._executables[key] = jax.jit(self._apply).lower(self._state, spec).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self.compilations += 1
+        return self._executables[key]
+
+    @property
+    def buckets(self) -> list[tuple[int, ...]]:
+        """The (batch, H_b, W_b) shapes compiled so far."""
+        return list(self._executables)
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict(self, image) -> DenseScores:
+        """Scores of every window of `image` (H, W, C); see `DenseScores`."""
+        array = validate_image(image, self.channels, self.min_size)
+        height, width = array.shape[:2]
+        used_h, used_w = self.used_size(height, width)
+        bucket = self.bucket_for(used_h, used_w)
+        padded = np.zeros((1, *bucket, self.channels), np.float32)
+        padded[0, :used_h, :used_w] = array[:used_h, :used_w]
+        scores = self.executable(bucket)(self._state, jnp.asarray(padded))
+        oh, ow = self.output_size(used_h, used_w) if bucket != (used_h, used_w) else scores.shape[1:3]
+        return DenseScores(np.asarray(scores[0, :oh, :ow]), self.geometry, (height, width), bucket)
+
+
+def load_image(path: str | os.PathLike, channels: int) -> np.ndarray:
+    """(H, W, channels) float32 in [0, 1] from an image file; clear errors for anything else."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("P", "PA", "LA", "RGBA", "I;16", "I", "F", "1", "CMYK", "YCbCr"):
+                img = img.convert("RGB" if mode in ("P", "PA", "RGBA", "CMYK", "YCbCr") else "L")
+            array = np.asarray(img)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image file Pillow can read (PNG, JPEG, ...)") from None
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] != channels:
+        raise ValueError(f"{path} has {array.shape[-1]} channel(s) but the model expects {channels}; "
+                         f"convert the image (e.g. Pillow: Image.open(p).convert('{'L' if channels == 1 else 'RGB'}'))")
+    return array.astype(np.float32) / 255.0
+
+
+def save_heatmap(image: np.ndarray, result: DenseScores, path: str | os.PathLike, *, class_index: int | None = None,
+                 title: str | None = None) -> Path:
+    """Overlay the probability of `class_index` (default: the best class anywhere) on the image.
+
+    Each cell is drawn as the stride x stride square centred on its window's centre.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = result.probabilities()
+    num_classes = probs.shape[-1]
+    if class_index is None:
+        class_index = result.top_classes(1)[0][0]
+    if not 0 <= class_index < num_classes:
+        raise ValueError(f"--class must be between 0 and {num_classes - 1}, got {class_index}")
+    g = result.geometry
+    rows, cols = probs.shape[:2]
+    centre = [o + (r - 1) / 2 for o, r in zip(g.offset, g.receptive_field)]
+    extent = (centre[1] - g.stride[1] / 2, centre[1] + (cols - 0.5) * g.stride[1],
+              centre[0] + (rows - 0.5) * g.stride[0], centre[0] - g.stride[0] / 2)
+    height, width = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.5))
+    shown = image[..., 0] if image.shape[-1] == 1 else image
+    ax.imshow(shown, cmap="gray" if image.shape[-1] == 1 else None, extent=(0, width, height, 0))
+    overlay = ax.imshow(probs[..., class_index], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=extent,
+                        interpolation="nearest")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04, label=f"P(class {class_index})")
+    ax.set_title(title or f"class {class_index}: {rows}x{cols} windows of {g.receptive_field[0]}x"
+                 f"{g.receptive_field[1]} px, stride {g.stride[0]}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
