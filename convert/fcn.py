@@ -159,7 +159,7 @@ class FCN(nnx.Module):
 
 def _as_conv(dense: nnx.Linear, kernel_hw: tuple[int, int], in_channels: int, label: str) -> nnx.Conv:
     kh, kw = kernel_hw
-    kernel = np.asarray(dense.kernel.value)
+    kernel = np.asarray(dense.kernel.get_value())
     if kernel.shape[0] != kh * kw * in_channels:
         raise ConversionError(
             f"{label} expects {kernel.shape[0]} input features but the map feeding it is "
@@ -168,9 +168,9 @@ def _as_conv(dense: nnx.Linear, kernel_hw: tuple[int, int], in_channels: int, la
                     use_bias=dense.use_bias, dtype=dense.dtype, param_dtype=dense.param_dtype,
                     precision=dense.precision, rngs=nnx.Rngs(0))
     # Flatten is row-major over (h, w, c), so row (y*w + x)*c + ch of the Dense kernel is tap (y, x, ch).
-    conv.kernel.value = jnp.asarray(kernel.reshape(kh, kw, in_channels, dense.out_features))
+    conv.kernel.set_value(jnp.asarray(kernel.reshape(kh, kw, in_channels, dense.out_features)))
     if dense.use_bias:
-        conv.bias.value = jnp.asarray(dense.bias.value)
+        conv.bias.set_value(jnp.asarray(dense.bias.get_value()))
     return conv
 
 

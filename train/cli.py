@@ -27,3 +27,95 @@ def add_commands(subparsers) -> None:
     q.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     q.add_argument("--quiet", action="store_true", help="print nothing")
     q.set_defaults(func=cmd_data_prepare)
+    add_train_command(subparsers)
+
+
+def cmd_train(args) -> int:
+    import json
+    import sys
+
+    from train.config import TrainConfig
+    from train.loop import TrainingDiverged, train
+    from train.checkpoint import CheckpointError
+
+    if args.coordinator:
+        from train import parallel
+
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"dropout\": 0.3}}': {e}") from None
+    config = TrainConfig(
+        model=args.model, dataset=args.dataset, model_kwargs=model_kwargs, data_dir=args.data_dir,
+        train_examples=args.train_examples, test_examples=args.test_examples,
+        validation_examples=args.validation_examples, epochs=args.epochs, batch_size=args.batch_size,
+        accumulate=args.accumulate, optimizer=args.optimizer, momentum=args.momentum, learning_rate=args.lr,
+        schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, ema_decay=args.ema, grad_clip_norm=args.clip,
+        augment_shift=args.shift, augment_rotate=args.rotate, augment_scale=args.scale,
+        dtype="bfloat16" if args.bf16 else "float32", remat=args.remat, data_parallel=args.data_parallel,
+        seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, max_steps=args.max_steps,
+        steps_per_call=args.steps_per_call, progress=not args.no_progress)
+    try:
+        result = train(config)
+    except (TrainingDiverged, CheckpointError) as e:
+        print(f"zoo train: {e}", file=sys.stderr)
+        return 1
+    print(f"best {'validation' if config.validation_examples else 'test'} accuracy {result.best_accuracy:.4%} "
+          f"at step {result.best_step} (epoch {result.best_epoch:g}); its test accuracy {result.test_accuracy:.4%}; "
+          f"{result.steps} steps in {result.seconds:.1f} s"
+          + (f"; model saved to {result.model_dir}" if result.model_dir else ""))
+    return 0
+
+
+def add_train_command(subparsers) -> None:
+    from train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+
+    d = TrainConfig(model="")
+    p = subparsers.add_parser(
+        "train", help="train a zoo model on a prepared data set",
+        description="Train MODEL on DATASET (see `zoo data prepare`). Out of memory? One switch each: "
+                    "--batch-size B --accumulate K (same update as one batch B, K passes of B/K), --bf16, "
+                    "--remat, --data-parallel.")
+    p.add_argument("model", metavar="MODEL", help="a model name from `zoo list`")
+    p.add_argument("--dataset", default=d.dataset, help="mnist or fashion_mnist (default: %(default)s)")
+    p.add_argument("--model-kwargs", help="JSON object of zoo.create_model options, e.g. '{\"input_padding\": 2}'")
+    p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per update (default: %(default)s)")
+    p.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="split each batch into K micro-batches, accumulating gradients")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="for sgd (Nesterov)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights, e.g. 0.999")
+    p.add_argument("--clip", type=float, default=None, metavar="NORM", help="clip gradients by global norm")
+    p.add_argument("--shift", type=float, default=0.0, help="augmentation: max shift in pixels")
+    p.add_argument("--rotate", type=float, default=0.0, help="augmentation: max rotation in degrees")
+    p.add_argument("--scale", type=float, default=0.0, help="augmentation: max relative zoom, e.g. 0.1")
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (parameters stay float32)")
+    p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
+    p.add_argument("--data-parallel", action="store_true", help="split each batch over all devices")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory: metrics.jsonl, curves.png, checkpoints/, model/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also checkpoint every STEPS updates (default: at epoch ends only)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--train-examples", type=int, help="use only the first N training examples")
+    p.add_argument("--test-examples", type=int, help="use only the first N test examples")
+    p.add_argument("--validation-examples", type=int, default=0,
+                   help="hold out the last N training examples to pick the best epoch (default: the test split)")
+    p.add_argument("--max-steps", type=int, help="stop after this many updates")
+    p.add_argument("--steps-per-call", type=int, default=1, help="updates per jitted call (fast devices)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (jax.distributed)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.set_defaults(func=cmd_train)

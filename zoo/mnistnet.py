@@ -80,8 +80,8 @@ def build_mnistnet(
     dtype,
     rngs: nnx.Rngs,
     name: str,
-    widths: Sequence[int] = (32, 64, 128),
-    convs_per_stage: Sequence[int] = (2, 2, 1),
+    widths: Sequence[int] = (16, 32, 64),
+    convs_per_stage: Sequence[int] = (1, 2, 1),
     dropout: float = 0.4,
     test_only: bool = False,
 ) -> Classifier:
@@ -117,9 +117,9 @@ _PAPER = dict(
 
 register(ModelSpec(
     name="mnistnet",
-    options={"widths": (32, 64, 128), "convs_per_stage": (2, 2, 1), "dropout": 0.4},
+    options={"widths": (16, 32, 64), "convs_per_stage": (1, 2, 1), "dropout": 0.4},
     introduced="exercise 9: 3x3 conv-BN stacks + augmentation + EMA, >= 99.7% on MNIST",
-    feature_shape=(7, 7, 128),
-    num_params=0,  # filled below from the builder (our own design: no published count)
+    feature_shape=(7, 7, 64),
+    num_params=64_058,  # our own design: counted by hand, 32,688 conv/BN + 31,370 head
     **_PAPER,
 ))

@@ -136,6 +136,7 @@ class Summary:
         xla: XLA's figures ("inference" at batch 1 and batch_size, "training" at batch_size),
             empty when skipped.
         module_kinds: dotted path -> class name of every module, to name grouped rows.
+        block_outputs: dotted path -> output shape (batch 1) of every called non-layer module.
     """
 
     name: str
@@ -151,6 +152,7 @@ class Summary:
     flops: int
     xla: tuple[XlaFigures, ...] = ()
     module_kinds: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    block_outputs: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def activation_bytes(self) -> int:
@@ -205,8 +207,8 @@ class Summary:
                 out.append(rows[0])
                 continue
             out.append(LayerRow(
-                path=key, kind=f"{self.module_kinds.get(key, 'group')} ({len(rows)} layers)",
-                output_shape=rows[-1].output_shape,
+                path=key, kind=f"{self.module_kinds.get(key, 'group')} ({len(rows)} layer{'s' * (len(rows) > 1)})",
+                output_shape=self.block_outputs.get(key, rows[-1].output_shape),
                 params=sum(r.params for r in rows),
                 activation_bytes=sum(r.activation_bytes for r in rows),
                 in_place=all(r.in_place for r in rows), flops=sum(r.flops for r in rows)))
@@ -307,12 +309,15 @@ def summarize(
     dtype = jnp.dtype(dtype)
 
     modules = {path: m for path, m in nnx.iter_modules(model)}
-    recorded = {path: m for path, m in modules.items() if _is_recorded(m)}
-    calls = _record_calls(model, set(recorded), jax.ShapeDtypeStruct((1, *input_shape), dtype))
+    callable_paths = {path for path, m in modules.items() if _has_call(m)}
+    calls = _record_calls(model, callable_paths, jax.ShapeDtypeStruct((1, *input_shape), dtype))
 
-    rows, seen = [], set()
+    rows, seen, block_outputs = [], set(), {}
     for path, inputs, outputs in calls:
         module = modules[path]
+        if not _is_layer(module):  # a block: only its output shape is kept, to label grouped rows
+            block_outputs.setdefault(".".join(map(str, path)), tuple(outputs[0].shape) if outputs else ())
+            continue
         params = 0 if path in seen else _param_count(module)
         seen.add(path)
         out_bytes = sum(o.size * o.dtype.itemsize for o in outputs)
@@ -340,16 +345,21 @@ def summarize(
         unattributed_params=total_params - sum(r.params for r in rows),
         input_bytes=math.prod(input_shape) * dtype.itemsize,
         flops=sum(r.flops for r in rows), xla=figures,
-        module_kinds={".".join(map(str, p)): type(m).__name__ for p, m in modules.items()})
+        module_kinds={".".join(map(str, p)): type(m).__name__ for p, m in modules.items()},
+        block_outputs=block_outputs)
 
 
 # --- recording layer calls -------------------------------------------------------------
 
 
-def _is_recorded(module: nnx.Module) -> bool:
+def _has_call(module: nnx.Module) -> bool:
+    return any("__call__" in vars(cls) for cls in type(module).__mro__[:-1])  # not nnx.List etc.
+
+
+def _is_layer(module: nnx.Module) -> bool:
     """Callable leaf modules, plus any module that owns parameters directly (its own math)."""
-    if not any("__call__" in vars(cls) for cls in type(module).__mro__[:-1]):
-        return False  # containers such as nnx.List
+    if not _has_call(module):
+        return False
     attributes = list(vars(module).values())
     has_submodules = any(isinstance(a, nnx.Module) for a in attributes) or any(
         isinstance(m, nnx.Module) for a in attributes if isinstance(a, (list, tuple)) for m in a)
@@ -357,9 +367,10 @@ def _is_recorded(module: nnx.Module) -> bool:
 
 
 def _record_calls(model, recorded_paths, x_abstract):
-    """[(path, input arrays, output arrays)] of every recorded module call, in completion order.
+    """[(path, input arrays, output arrays)] of every call of a module in `recorded_paths`,
+    in completion order (a block after its layers).
 
-    The `__call__` of each recorded module's class is wrapped for the duration of one
+    The `__call__` of each such module's class is wrapped for the duration of one
     `jax.eval_shape` over a merged copy of the model in eval mode; the wrapper recognises
     the copy's modules by identity, so other instances of those classes are untouched.
     """
