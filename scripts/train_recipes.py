@@ -42,7 +42,7 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from train import data, loop
-    from train.recipes import SHIPPED_AS, get_recipe
+    from train.recipes import MINIMAL_LOOP, SHIPPED_AS, get_recipe, train_minimal
 
     config = get_recipe(args.recipe, seed=args.seed)
     if args.epochs:
@@ -50,21 +50,27 @@ def cmd_run(args) -> int:
     run_dir = Path(args.out) / f"{args.recipe}-seed{args.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     data.prepare(config.dataset, config.data_dir, quiet=True)
+    which_loop = args.loop or ("train_minimal" if args.recipe in MINIMAL_LOOP else "train.loop.train")
     started = time.perf_counter()
-    result = loop.train(config)  # out_dir=None: the returned model is the final (EMA) weights
+    if which_loop == "train_minimal":
+        model, history, test_accuracy = train_minimal(config)
+        steps = history[-1]["step"]
+    else:
+        result = loop.train(config)  # out_dir=None: the returned model is the final (EMA) weights
+        model, history, test_accuracy, steps = result.model, result.history, result.test_accuracy, result.steps
     seconds = time.perf_counter() - started
     source = data.get_source(config.dataset)
-    steps_per_epoch = result.steps // config.epochs
-    model_dir = loop.save_trained_model(result.model, run_dir / "model", config, source,
-                                        result.test_accuracy, result.steps, steps_per_epoch)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.history))
-    loop.plot_curves(result.history, run_dir / "curves.png", title=f"{config.model} on {config.dataset}")
+    steps_per_epoch = steps // config.epochs
+    model_dir = loop.save_trained_model(model, run_dir / "model", config, source,
+                                        test_accuracy, steps, steps_per_epoch)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    loop.plot_curves(history, run_dir / "curves.png", title=f"{config.model} on {config.dataset}")
     summary = {
         "recipe": args.recipe, "seed": args.seed, "model": config.model, "dataset": config.dataset,
-        "test_accuracy": result.test_accuracy, "epochs": config.epochs, "steps": result.steps,
+        "test_accuracy": test_accuracy, "epochs": config.epochs, "steps": steps,
         "wall_seconds": round(seconds, 1), "machine": machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loop": "train.loop.train", "config": config.to_dict(),
+        "loop": which_loop, "config": config.to_dict(), "history": history,
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("recipe", "seed", "test_accuracy", "wall_seconds")}))
@@ -129,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (smoke runs)")
     p.add_argument("--out", default="runs")
     p.add_argument("--ship", action="store_true", help="export the weights to zoo/weights/")
+    p.add_argument("--loop", choices=("train.loop.train", "train_minimal"),
+                   help="training loop (default: the recipe's, see train.recipes.MINIMAL_LOOP)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("time-to-99", help="time a fresh process training to 99%% MNIST test accuracy")
     p.add_argument("--seed", type=int, default=0)

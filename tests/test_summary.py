@@ -125,6 +125,7 @@ def test_nested_abstract_classifier_and_grouping():
     assert counted == ["Conv", "MaxPool", "Conv", "Linear", "Linear"]
     grouped = summary.grouped(1)
     assert [r.path for r in grouped] == ["features", "head"]
+    assert grouped[0].output_shape == zoo.output_shape(model.features, (1, 32, 32, 3)) == (1, 16, 16, 32)
     for field in ("params", "activation_bytes", "flops"):
         assert sum(getattr(r, field) for r in grouped) == sum(getattr(r, field) for r in summary.layers)
     text = str(summary)

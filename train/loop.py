@@ -125,10 +125,9 @@ def _remat_class(cls: type) -> type:
         return cls
     if cls not in _REMAT_CLASSES:
         plain_call = cls.__call__
-        rematted = nnx.remat(lambda module, *args: plain_call(module, *args))
 
         def __call__(self, *args):
-            return rematted(self, *args)
+            return nnx.remat(plain_call)(self, *args)
 
         _REMAT_CLASSES[cls] = type(f"Remat{cls.__name__}", (cls,), {"__call__": __call__, "_is_remat": True})
     return _REMAT_CLASSES[cls]
@@ -177,12 +176,12 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
 class Functions:
     """The pure, jitted pieces of a run (built by `make_functions`)."""
 
-    train_steps: Any   # (state, images, labels, order, n) -> (state, metrics (n, 2): loss, accuracy)
+    train_steps: Any   # (state, images, labels, order, n) -> (state, metrics (n, 3): loss, accuracy, lr)
     evaluate: Any      # (params, other, images, labels, mask) -> (loss sum, correct count)
     permutation: Any   # (epoch) -> (steps_per_epoch * batch_size,) int32 indices
 
 
-def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_state, tx, num_classes: int,
+def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_state, tx, schedule, num_classes: int,
                    num_train: int, steps_per_epoch: int, preprocessing: dict, mesh=None) -> Functions:
     """Build the jitted train/eval functions of a run.
 
@@ -193,8 +192,9 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
     batch = config.batch_size
     micro = config.micro_batch_size
     k = config.accumulate
-    base_key = jax.random.key(config.seed)
-    order_key, step_key_root = jax.random.fold_in(base_key, 0), jax.random.fold_in(base_key, 1)
+    # Keys are derived inside the jitted functions: eager key ops would each compile on their own.
+    order_key = lambda: jax.random.fold_in(jax.random.key(config.seed), 0)  # noqa: E731
+    step_key_root = lambda: jax.random.fold_in(jax.random.key(config.seed), 1)  # noqa: E731
     shard_batch = (lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))) if mesh else (lambda x: x)
 
     def prepare_batch(images_uint8, keys=None):
@@ -218,7 +218,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
 
     def one_update(state, images, labels, order):
         step = state["step"]
-        step_key = jax.random.fold_in(step_key_root, step)
+        step_key = jax.random.fold_in(step_key_root(), step)
         start = (step % steps_per_epoch) * batch
         idx = jax.lax.dynamic_slice_in_dim(order, start, batch)
         keys = jax.random.split(jax.random.fold_in(step_key, 0), batch)  # one per example
@@ -244,7 +244,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
             decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
             new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                                             state["ema"], {"params": params, "other": other})
-        return new_state, jnp.stack([losses.mean(), accs.mean()])
+        return new_state, jnp.stack([losses.mean(), accs.mean(), schedule(step)])
 
     def train_steps(state, images, labels, order, n):
         return jax.lax.scan(lambda s, _: one_update(s, images, labels, order), state, None, length=n)
@@ -263,7 +263,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         return loss_sum, correct
 
     def permutation(epoch):
-        perm = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_train)
+        perm = jax.random.permutation(jax.random.fold_in(order_key(), epoch), num_train)
         return perm[: steps_per_epoch * batch].astype(jnp.int32)
 
     return Functions(train_steps=jax.jit(train_steps, static_argnums=4, donate_argnums=0),
@@ -377,24 +377,30 @@ def train(config: TrainConfig) -> TrainResult:
     stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
 
     # --- model, optimizer, state
-    model = build_model(config, source.image_shape, source.num_classes)
+    # One compiled initializer instead of one eager compilation per weight initializer.
+    model = nnx.jit(lambda: build_model(config, source.image_shape, source.num_classes))()
     memory_check(model, source.image_shape, config)
+    model.eval()
+    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]  # no remat: no backward pass
     if config.remat:
         remat_blocks(model)
     model.train()
     train_graphdef, params, rng_state, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    model.eval()
-    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
     schedule = make_schedule(config, total_steps, steps_per_epoch)
     tx = make_optimizer(config, schedule)
-    state = {"step": jnp.int32(0), "params": params, "other": other, "opt_state": tx.init(params),
-             # a copy: donating the state must not hand XLA the same buffer twice
-             "ema": jax.tree.map(jnp.copy, {"params": params, "other": other}) if config.ema_decay is not None else None}
+    @jax.jit
+    def initial_state(params, other):
+        return {"step": jnp.int32(0), "params": params, "other": other, "opt_state": tx.init(params),
+                # a copy: donating the state must not hand XLA the same buffer twice
+                "ema": jax.tree.map(jnp.copy, {"params": params, "other": other})
+                if config.ema_decay is not None else None}
+
+    state = initial_state(params, other)
     mesh = parallel.make_mesh() if config.data_parallel else None
     state = parallel.put_replicated(state, mesh)
     rng_state = parallel.put_replicated(rng_state, mesh)
     fns = make_functions(config, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, rng_state=rng_state,
-                         tx=tx, num_classes=source.num_classes, num_train=len(train_x),
+                         tx=tx, schedule=schedule, num_classes=source.num_classes, num_train=len(train_x),
                          steps_per_epoch=steps_per_epoch, preprocessing=preprocessing, mesh=mesh)
     images_dev, labels_dev = parallel.put_replicated((np.asarray(train_x), np.asarray(train_y)), mesh)
     eval_batch = min(config.eval_batch_size, max(len(test_x), 1))
@@ -453,6 +459,7 @@ def train(config: TrainConfig) -> TrainResult:
             state, step = new_state, step + n
             epoch_losses += list(metrics[:, 0])
             epoch_accs += list(metrics[:, 1])
+            learning_rate = float(metrics[-1, 2])
             if progress is not None:
                 progress.update(n)
                 progress.set_postfix(epoch=epoch + 1, loss=f"{np.mean(epoch_losses[-50:]):.4f}",
@@ -462,7 +469,7 @@ def train(config: TrainConfig) -> TrainResult:
                 checkpoints.save_latest(step, state)
             if epoch_done:
                 record = _end_of_epoch(config, step, steps_per_epoch, state, evaluate, test_dev, val_dev,
-                                       epoch_losses, epoch_accs, schedule, time.perf_counter() - epoch_started,
+                                       epoch_losses, epoch_accs, learning_rate, time.perf_counter() - epoch_started,
                                        time.perf_counter() - started)
                 history.append(record)
                 if checkpoints:
@@ -495,9 +502,8 @@ def train(config: TrainConfig) -> TrainResult:
     test_loss, test_acc = evaluate(test_dev, best)
     best_record = next((r for r in history if r["step"] == best_step), None)
     best_accuracy = best_record["selection_accuracy"] if best_record else test_acc
-    model = build_model(config, source.image_shape, source.num_classes)
-    nnx.update(model, jax.tree.map(jnp.asarray, parallel.to_host(best["params"])),
-               jax.tree.map(jnp.asarray, parallel.to_host(best["other"])))
+    model = nnx.merge(eval_graphdef, *jax.tree.map(jnp.asarray, parallel.to_host(
+        (best["params"], rng_state, best["other"]))))
     model.eval()
     model_dir = None
     if out_dir is not None:
@@ -531,13 +537,13 @@ def save_trained_model(model, directory: Path, config: TrainConfig, source, test
                       metadata=metadata)
 
 
-def _end_of_epoch(config, step, steps_per_epoch, state, evaluate, test_dev, val_dev, losses, accs, schedule,
+def _end_of_epoch(config, step, steps_per_epoch, state, evaluate, test_dev, val_dev, losses, accs, learning_rate,
                   epoch_seconds, wall_seconds) -> dict[str, Any]:
     record: dict[str, Any] = {
         "epoch": round(step / steps_per_epoch, 4), "step": step,
         "train_loss": float(np.mean(losses)) if losses else None,
         "train_accuracy": float(np.mean(accs)) if accs else None,
-        "learning_rate": float(schedule(max(step - 1, 0))),
+        "learning_rate": learning_rate,
     }
     record["test_loss"], record["test_accuracy"] = evaluate(test_dev, state)
     if val_dev is not None:

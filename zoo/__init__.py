@@ -11,11 +11,7 @@ from zoo.registry import ModelSpec, count_params, create_model, get_spec, list_m
 
 # Each family file registers its variants when imported.
 from zoo import lenet, alexnet, vgg, googlenet, resnet, xception, efficientnet, mnistnet  # noqa: E402,F401
-
-try:  # the summary module is optional while it is being written
-    from zoo.summary import summarize  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from zoo.summary import summarize  # noqa: E402
 
 __all__ = [
     "Classifier", "Head", "ModelSpec", "check_images", "count_params", "create_model",

@@ -94,10 +94,8 @@ class Inception(nnx.Module):
         self.pool_proj = conv(in_channels, pool_proj, 1)
         self.relu = Activation("relu")
         self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
-        self.se = None
-        if se_reduction is not None:
-            self.se = SqueezeExcite(self.out_channels, self.out_channels // se_reduction,
-                                    dtype=dtype, rngs=rngs)
+        self.se = None if se_reduction is None else SqueezeExcite(
+            self.out_channels, self.out_channels // se_reduction, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         relu = self.relu

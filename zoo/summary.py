@@ -12,10 +12,12 @@ chapter 14, exercise 2: a CNN of three 3x3 convolutions (stride 2, SAME padding,
 
 How the layers are found: the model is split (`nnx.split`), merged back inside
 `jax.eval_shape` (so nothing is computed and the model is not modified), and
-the `__call__` of every leaf module (a module with no submodules, e.g. `nnx.Conv`,
-`nnx.BatchNorm`, `zoo.layers.MaxPool`) records its output shape, in call order.
-Plain functions (`jax.nn.relu` in an `nnx.Sequential`) are invisible, which is
-what the book's count wants anyway.
+the `__call__` of every module records its output shape, in call order. Leaf
+modules (no submodules, e.g. `nnx.Conv`, `nnx.BatchNorm`, `zoo.layers.MaxPool`)
+and modules owning parameters directly are the layers of the table; a block's
+own output (after a residual add or an Inception concatenation) only labels its
+grouped row, as its branches are already counted. Plain functions (`jax.nn.relu`
+in an `nnx.Sequential`) are invisible, which is what the book's count wants anyway.
 
 The book's rule, and ours:
   * a layer's output is an activation; the model's input is the first one;
@@ -41,6 +43,8 @@ temp bytes (XLA's scratch buffers for intermediates after it has fused ops and
 shared buffers whose lifetimes do not overlap) and alias bytes (outputs written
 into donated arguments); generated code bytes is the compiled program's size,
 often 0 on CPU. We report argument + output + temp - alias as "XLA total".
+The training step is the forward and backward pass of a mean-squared-output loss
+returning the gradients and updated statistics; no optimizer state is included.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from zoo.layers import Activation, Flatten
 # Layers whose output can overwrite their input (same size and dtype checked at run time).
 IN_PLACE_KINDS = (Activation, Flatten, nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm, nnx.Dropout)
 
-MAX_TABLE_ROWS = 50  # the CLI groups nested blocks beyond this many rows
+MAX_TABLE_ROWS = 60  # the CLI groups nested blocks beyond this many rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,14 +219,18 @@ class Summary:
         return out
 
     def auto_depth(self, max_rows: int = MAX_TABLE_ROWS) -> int:
-        """Deepest grouping with at most `max_rows` rows (0: every layer fits)."""
+        """Deepest grouping with at most `max_rows` rows (0: every layer fits).
+
+        Depth 1 sums a whole backbone into one row, which says little, so depth 2 is
+        kept while it has at most twice `max_rows` rows (ResNet-152's 50 blocks).
+        """
         if len(self.layers) <= max_rows:
             return 0
         deepest = max((_depth(r.path) for r in self.layers), default=1)
-        for depth in range(deepest, 0, -1):
+        for depth in range(deepest, 1, -1):
             if len(self.grouped(depth)) <= max_rows:
                 return depth
-        return 1
+        return 2 if len(self.grouped(2)) <= 2 * max_rows else 1
 
     def format(self, depth: int | None = None) -> str:
         """Readable table and totals; `depth` groups nested blocks (see `grouped`)."""
@@ -573,7 +581,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the model's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="computation and input dtype")
     p.add_argument("--depth", type=int, default=None,
-                   help="sum nested blocks to this many module levels (0: every layer; default: fit ~50 rows)")
+                   help="sum nested blocks to this many module levels (0: every layer; default: fit about 60 rows)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-xla", action="store_true", help="skip compiling (no XLA figures; much faster)")
     p.set_defaults(func=cmd_summary)
