@@ -157,19 +157,30 @@ def _measure_block(layer: Callable, in_shape: tuple[int, ...]) -> tuple[list[tup
         fn = layer
     out_shape = _shape_of(layer, shape)
     centre = (out_shape[1] // 2, out_shape[2] // 2)
-    support = np.zeros(size, bool)
-    for seed in range(3):
-        rng = np.random.default_rng(seed)
-        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        weights = jnp.asarray(rng.standard_normal(out_shape[-1]), jnp.float32)
-        grad = jax.grad(lambda x: jnp.sum(fn(x)[0, centre[0], centre[1]] * weights))(x)
-        support |= np.asarray(jnp.any(grad[0] != 0, axis=-1))
-    rows, cols = np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
+
+    def support_of(cell):
+        support = np.zeros(size, bool)
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+            weights = jnp.asarray(rng.standard_normal(out_shape[-1]), jnp.float32)
+            grad = jax.grad(lambda x: jnp.sum(fn(x)[0, cell[0], cell[1]] * weights))(x)
+            support |= np.asarray(jnp.any(grad[0] != 0, axis=-1))
+        return np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
+
+    rows, cols = support_of(centre)
+    # The stride is how far the window moves from one cell to the next (shapes alone cannot
+    # tell VALID from SAME); with a single cell in an axis, the size ratio is all there is.
+    neighbour = (min(centre[0] + 1, out_shape[1] - 1), min(centre[1] + 1, out_shape[2] - 1))
+    next_rows, next_cols = support_of(neighbour) if neighbour != centre else (rows, cols)
     result = []
-    for axis, idx in enumerate((rows, cols)):
+    for axis, (idx, nxt) in enumerate(((rows, next_rows), (cols, next_cols))):
         if idx.size == 0:
             raise _NotWalkable("its centre cell does not depend on its input")
-        stride = max(1, round(size[axis] / out_shape[axis + 1]))
+        if neighbour[axis] != centre[axis] and nxt.size:
+            stride = max(1, int(nxt[0] - idx[0]))
+        else:
+            stride = max(1, round(size[axis] / out_shape[axis + 1]))
         kernel = int(idx[-1] - idx[0] + 1)
         pad_before = centre[axis] * stride - int(idx[0])
         valid_cells = (size[axis] - kernel) // stride + 1

@@ -187,7 +187,13 @@ def forward_steps(module: Callable, in_shape: tuple[int, ...], *, dtype=jnp.floa
     if isinstance(module, nnx.Sequential):
         steps, shape = [], tuple(in_shape)
         for i, layer in enumerate(module.layers):
-            out = _shape_of(layer, shape, dtype)
+            try:
+                out = _shape_of(layer, shape, dtype)
+            except Exception as e:
+                raise ConversionError(
+                    f"{layer_label(f'{prefix}layers.{i}', layer)} fails on the shape {shape} it receives "
+                    f"({type(e).__name__}: {str(e).splitlines()[0]}); pass the input_shape the model was "
+                    f"trained on") from None
             steps.append(Step(f"{prefix}layers.{i}", layer, shape, out))
             shape = out
         return steps

@@ -28,9 +28,9 @@ def abstract_model(name, **kwargs):
 def param_grads_nonzero(grads, prefix):
     """Whether any parameter under the dotted path `prefix` got a nonzero gradient."""
     flat = nnx.to_flat_state(nnx.state(grads, nnx.Param))
-    leaves = [v.get_value() for path, v in flat if ".".join(map(str, path)).startswith(prefix)]
+    leaves = jax.device_get([v.get_value() for path, v in flat if ".".join(map(str, path)).startswith(prefix)])
     assert leaves, f"no parameters under {prefix}"
-    return any(bool(jnp.any(leaf != 0)) for leaf in leaves)
+    return any(np.any(leaf != 0) for leaf in leaves)
 
 
 # ---------------------------------------------------------------- local response normalization
@@ -304,23 +304,38 @@ def test_googlenet_aux_logits_absent_in_eval_mode(googlenet_with_aux):
     model.train()
 
 
-@pytest.mark.parametrize("aux_index,reads,not_reached", [(0, "inception4a", "inception4b"),
-                                                         (1, "inception4d", "inception4e")])
-def test_googlenet_aux_heads_read_4a_and_4d(googlenet_with_aux, aux_index, reads, not_reached):
+def test_googlenet_aux_heads_read_4a_and_4d(googlenet_with_aux):
+    model = googlenet_with_aux
+    model.train()
+    # Switch off only the auxiliary heads' dropout, so their logits can be recomputed by hand.
+    for aux_name in ("aux1", "aux2"):
+        getattr(model.features, aux_name).set_attributes(nnx.Dropout, deterministic=True)
+    x = jax.random.normal(jax.random.key(8), (2, 65, 65, 3))
+    _, (aux1, aux2) = googlenet.forward_with_aux(model, x)
+    model.train()
+    expected, y = {}, x
+    for step in model.features.step_names:
+        y = getattr(model.features, step)(y)
+        if step in ("inception4a", "inception4d"):
+            expected[step] = model.features.aux1(y) if step == "inception4a" else model.features.aux2(y)
+    np.testing.assert_allclose(np.asarray(aux1), np.asarray(expected["inception4a"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(aux2), np.asarray(expected["inception4d"]), rtol=1e-4, atol=1e-5)
+
+
+def test_googlenet_aux_losses_train_the_backbone_up_to_4d(googlenet_with_aux):
     model = googlenet_with_aux
     model.train()
     x = jax.random.normal(jax.random.key(8), (2, 65, 65, 3))
 
     def aux_loss(model):
         _, aux = googlenet.forward_with_aux(model, x)
-        return jnp.sum(aux[aux_index] ** 2)
+        return sum(jnp.sum(a**2) for a in aux)
 
     grads = nnx.grad(aux_loss)(model)
-    assert param_grads_nonzero(grads, f"features.aux{aux_index + 1}")
-    assert param_grads_nonzero(grads, f"features.{reads}")
-    assert not param_grads_nonzero(grads, f"features.{not_reached}")
-    assert not param_grads_nonzero(grads, f"features.aux{2 - aux_index}")
-    assert not param_grads_nonzero(grads, "head")
+    for reached in ("features.conv1", "features.inception4d", "features.aux1", "features.aux2"):
+        assert param_grads_nonzero(grads, reached), reached
+    for not_reached in ("features.inception4e", "features.inception5b", "head"):
+        assert not param_grads_nonzero(grads, not_reached), not_reached
 
 
 def test_googlenet_aux_option_errors():
@@ -350,11 +365,15 @@ def test_googlenet_se_gate_scales_the_unit_output():
     # The gate is created after the branches, so the same seed gives the same branch weights.
     gated_unit = googlenet.Inception(8, 4, 2, 4, 2, 4, 4, se_reduction=4, rngs=nnx.Rngs(0))
     plain_unit = googlenet.Inception(8, 4, 2, 4, 2, 4, 4, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(9), (1, 5, 5, 8))
+    x = jax.random.normal(jax.random.key(9), (1, 6, 6, 8))
     gated, plain = np.asarray(gated_unit(x)), np.asarray(plain_unit(x))
     assert (gated == 0).sum() == (plain == 0).sum() < plain.size
     # One gate per channel in (0, 1), the same at every position: gated = plain * s[c].
     active = plain != 0
+    checked = 0
     for ch in range(16):
         ratios = gated[..., ch][active[..., ch]] / plain[..., ch][active[..., ch]]
-        assert ratios.size and np.allclose(ratios, ratios[0], rtol=1e-5) and 0 < ratios[0] < 1
+        if ratios.size:  # a channel may be all zero after ReLU
+            assert np.allclose(ratios, ratios[0], rtol=1e-5) and 0 < ratios[0] < 1
+            checked += 1
+    assert checked >= 8

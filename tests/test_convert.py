@@ -265,7 +265,7 @@ def build_stack(channels, layers, head, hidden, seed):
     return modules, rngs
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(valid_stacks(), st.integers(0, 1000))
 def test_random_valid_stacks(stack, seed):
     channels, layers, head, hidden, extra = stack
@@ -417,7 +417,7 @@ def test_wrong_training_shape_and_too_small_image():
     model, shape, _ = build("mnist_cnn_layers")
     with pytest.raises(ValueError, match="input_shape"):
         to_fcn(model)
-    with pytest.raises(ValueError, match="400 input features"):
+    with pytest.raises(ValueError, match=r"layers\.7.*\(1, 576\).*input_shape the model was trained on"):
         to_fcn(model, (32, 32, 1))
     fcn = to_fcn(model, shape)
     with pytest.raises(ValueError, match="at least 28x28"):

@@ -102,13 +102,17 @@ def _restore_newest(manager: ocp.CheckpointManager, template, *, what: str):
     failures = []
     for step in steps:
         try:
-            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             failures.append(f"step {step}: {reason}")
             print(f"warning: the {what} checkpoint at step {step} in {manager.directory} cannot be read "
                   f"({reason}); it is damaged or incomplete. Falling back to the previous step.",
                   file=sys.stderr, flush=True)
+            continue
+        for damaged in steps[: steps.index(step)]:  # let the resumed run write those steps again
+            manager.delete(damaged)
+        return step, restored
     raise CheckpointError(
         f"no readable checkpoint in {manager.directory}:\n  " + "\n  ".join(failures)
         + "\nDelete the directory to start over.")

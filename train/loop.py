@@ -22,6 +22,7 @@ checkpoints/ (Orbax), and model/ (the best weights, `zoo.saving.save_model`, rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -89,6 +90,23 @@ def build_model(config: TrainConfig, image_shape, num_classes: int, *, dtype=Non
     dtype = dtype if dtype is not None else jnp.dtype(config.dtype)
     return zoo.create_model(config.model, dtype=dtype, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
                             **kwargs)
+
+
+# XLA's backend optimizations take most of a CPU compile and buy nothing for code that runs once.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def init_model(config: TrainConfig, image_shape, num_classes: int) -> nnx.Module:
+    """`build_model`, with every initializer in one quickly compiled program.
+
+    Eagerly, each weight initializer is compiled on its own (tens of seconds for a small model
+    on a busy CPU); here the structure comes from `nnx.eval_shape` (nothing runs) and the values
+    from one jitted call compiled without backend optimizations. Same values as eager init.
+    """
+    make = lambda: build_model(config, image_shape, num_classes)  # noqa: E731
+    graphdef = nnx.split(nnx.eval_shape(make))[0]
+    state = jax.jit(lambda: nnx.state(make()), compiler_options=FAST_COMPILE)()
+    return nnx.merge(graphdef, state)
 
 
 def model_kwargs_for_saving(config: TrainConfig, image_shape, num_classes: int) -> dict[str, Any]:
@@ -205,7 +223,10 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         return preprocess(images_uint8, preprocessing).astype(compute_dtype)
 
     def loss_fn(params, other, x, y, dropout_key):
-        model = nnx.merge(train_graphdef, params, rng_state, other)
+        # Fresh Variables at this trace level (value_and_grad passes `other` through as is):
+        # BatchNorm may only update statistics it created at the current trace level.
+        other = jax.tree.map(lambda v: v, other)
+        model = nnx.merge(train_graphdef, params, jax.tree.map(lambda v: v, rng_state), other)
         nnx.reseed(model, dropout=dropout_key)  # dropout masks: a pure function of (seed, step)
         logits = model(x).astype(jnp.float32)
         targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing) \
@@ -253,7 +274,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         """images: (M, B, H, W, C) uint8, labels/mask: (M, B); sums over all M*B examples."""
         def one_batch(totals, inputs):
             xb, yb, mb = inputs
-            model = nnx.merge(eval_graphdef, params, rng_state, other)
+            model = nnx.merge(eval_graphdef, *jax.tree.map(lambda v: v, (params, rng_state, other)))
             logits = model(shard_batch(prepare_batch(xb))).astype(jnp.float32)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
             correct = (logits.argmax(-1) == yb) & mb
@@ -266,8 +287,10 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         perm = jax.random.permutation(jax.random.fold_in(order_key(), epoch), num_train)
         return perm[: steps_per_epoch * batch].astype(jnp.int32)
 
-    return Functions(train_steps=jax.jit(train_steps, static_argnums=4, donate_argnums=0),
-                     evaluate=jax.jit(evaluate), permutation=jax.jit(permutation))
+    options = FAST_COMPILE if config.fast_compile else None
+    return Functions(train_steps=jax.jit(train_steps, static_argnums=4, donate_argnums=0, compiler_options=options),
+                     evaluate=jax.jit(evaluate, compiler_options=options),
+                     permutation=jax.jit(permutation, compiler_options=FAST_COMPILE))
 
 
 def _augments(config: TrainConfig) -> bool:
@@ -378,7 +401,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     # --- model, optimizer, state
     # One compiled initializer instead of one eager compilation per weight initializer.
-    model = nnx.jit(lambda: build_model(config, source.image_shape, source.num_classes))()
+    model = init_model(config, source.image_shape, source.num_classes)
     memory_check(model, source.image_shape, config)
     model.eval()
     eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]  # no remat: no backward pass
@@ -388,7 +411,7 @@ def train(config: TrainConfig) -> TrainResult:
     train_graphdef, params, rng_state, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
     schedule = make_schedule(config, total_steps, steps_per_epoch)
     tx = make_optimizer(config, schedule)
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def initial_state(params, other):
         return {"step": jnp.int32(0), "params": params, "other": other, "opt_state": tx.init(params),
                 # a copy: donating the state must not hand XLA the same buffer twice
@@ -398,7 +421,7 @@ def train(config: TrainConfig) -> TrainResult:
     state = initial_state(params, other)
     mesh = parallel.make_mesh() if config.data_parallel else None
     state = parallel.put_replicated(state, mesh)
-    rng_state = parallel.put_replicated(rng_state, mesh)
+    local_rng_state, rng_state = rng_state, parallel.put_replicated(rng_state, mesh)
     fns = make_functions(config, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, rng_state=rng_state,
                          tx=tx, schedule=schedule, num_classes=source.num_classes, num_train=len(train_x),
                          steps_per_epoch=steps_per_epoch, preprocessing=preprocessing, mesh=mesh)
@@ -502,8 +525,8 @@ def train(config: TrainConfig) -> TrainResult:
     test_loss, test_acc = evaluate(test_dev, best)
     best_record = next((r for r in history if r["step"] == best_step), None)
     best_accuracy = best_record["selection_accuracy"] if best_record else test_acc
-    model = nnx.merge(eval_graphdef, *jax.tree.map(jnp.asarray, parallel.to_host(
-        (best["params"], rng_state, best["other"]))))
+    best_params, best_other = jax.tree.map(jnp.asarray, parallel.to_host((best["params"], best["other"])))
+    model = nnx.merge(eval_graphdef, best_params, local_rng_state, best_other)
     model.eval()
     model_dir = None
     if out_dir is not None:

@@ -34,7 +34,7 @@ def mnistnet_mnist(seed: int = 0) -> TrainConfig:
     No dropout: augmentation is the regularizer this 64k-parameter model needs.
     """
     return TrainConfig(
-        model="mnistnet", dataset="mnist", model_kwargs={"dropout": 0.0}, epochs=10, batch_size=128, optimizer="adamw",
+        model="mnistnet", dataset="mnist", model_kwargs={"dropout": 0.0}, epochs=6, batch_size=128, optimizer="adamw",
         learning_rate=3e-3, schedule="onecycle", warmup_epochs=2.0, weight_decay=5e-2,
         label_smoothing=0.1, ema_decay=0.999, seed=seed, steps_per_call=8, **DIGIT_AUGMENT,
     )

@@ -1,0 +1,357 @@
+"""The segmentation demo behind `zoo segment`: read any image, segment it, draw and describe the result.
+
+    from train import segment_demo
+    report = segment_demo.run(image_path="digits.png", out="segment.png")      # a file
+    report = segment_demo.run(scene_size=(333, 777), seed=0, out="scene.png")  # a generated scene
+
+Reading (`read_image`): PNG/JPEG/anything Pillow opens, grayscale or RGB(A), 8 or 16 bit. Transparent
+pixels become background: the image is composited over the colour opposite to its ink. Digits are
+expected light on dark as in MNIST; an image whose median is light (dark ink on paper) is inverted.
+The drawing (`draw`): the input, the converted classifier's per-class dense score map (its
+stride-4 cells, each coloured by its best class, faded by confidence, plus one small probability map
+per class), the FCN-8s result over the input, and a legend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from train import segment as seg
+from train import segment_data as sd
+
+# Tableau-like colours for the ten digits; background is drawn transparent.
+CLASS_COLORS = np.array([
+    [0.12, 0.47, 0.71], [1.00, 0.50, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16], [0.58, 0.40, 0.74],
+    [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.74, 0.74, 0.13], [0.09, 0.75, 0.81], [1.00, 0.90, 0.35],
+    [0.00, 0.00, 0.00]], np.float32)
+MIN_REGION_PIXELS = 30   # smaller connected regions are not reported as digits
+
+
+def read_image(path, *, invert: bool | None = None) -> tuple[np.ndarray, dict]:
+    """(H, W) float32 in [0, 1], light digits on dark, from an image file; plus what was done to it.
+
+    Raises ValueError (not an image, truncated, too small, too large) or FileNotFoundError.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    notes = {}
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > seg.MAX_PIXELS:
+                raise ValueError(f"{path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); the limit is "
+                                 f"{seg.MAX_PIXELS / 1e6:.0f} megapixels. Downscale it first.")
+            img.load()
+            notes["mode"] = img.mode
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+            if has_alpha:
+                rgba = np.asarray(img.convert("RGBA"), np.float32) / 255.0
+                gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+                alpha = rgba[..., 3]
+                opaque = alpha > 0.5
+                ink_is_dark = opaque.any() and float(gray[opaque].mean()) < 0.5
+                paper = 1.0 if ink_is_dark else 0.0
+                array = gray * alpha + paper * (1 - alpha)
+                notes["alpha"] = f"composited over {'white' if paper else 'black'}"
+            elif img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raw = np.asarray(img, np.float32)
+                span = float(raw.max() - raw.min())
+                array = (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
+            else:
+                array = np.asarray(img.convert("L"), np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data
+        raise ValueError(f"{path} could not be decoded ({e}); the file is truncated or damaged") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if invert is None:
+        invert = float(np.median(array)) > 0.5
+    if invert:
+        array = 1.0 - array
+    notes["inverted"] = bool(invert)
+    return seg.check_image_array(array), notes
+
+
+@dataclasses.dataclass
+class Region:
+    """One connected region of a digit class in the FCN-8s labels."""
+
+    label: int
+    box: tuple[int, int, int, int]   # top, left, height, width
+    pixels: int
+    confidence: float                # mean softmax of the label over the region
+
+
+def find_regions(labels: np.ndarray, probabilities: np.ndarray) -> list[Region]:
+    """Connected regions of non-background labels, largest class per region, reading order."""
+    from scipy import ndimage
+
+    foreground = labels != sd.BACKGROUND
+    # Strokes of one digit can break apart at the ink threshold: join pixels 2 apart.
+    components, count = ndimage.label(ndimage.binary_dilation(foreground, iterations=2))
+    regions = []
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        mask = (components[box] == index) & foreground[box]
+        if mask.sum() < MIN_REGION_PIXELS:
+            continue
+        classes, counts = np.unique(labels[box][mask], return_counts=True)
+        cls = int(classes[counts.argmax()])
+        confidence = float(probabilities[box][..., cls][mask].mean())
+        regions.append(Region(cls, (box[0].start, box[1].start, box[0].stop - box[0].start,
+                                    box[1].stop - box[1].start), int(mask.sum()), confidence))
+    # Reading order: rows of regions (by the box centre, in bands of ~40 px), then left to right.
+    return sorted(regions, key=lambda r: ((r.box[0] + r.box[2] // 2) // 40, r.box[1]))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+@dataclasses.dataclass
+class Segmentation:
+    image: np.ndarray              # (H, W) in [0, 1]
+    labels: np.ndarray             # (H, W) FCN labels
+    probabilities: np.ndarray      # (H, W, 11)
+    classifier_probs: np.ndarray   # (h, w, 10) at the classifier's cells
+    classifier_labels: np.ndarray  # (H, W) baseline labels
+    regions: list[Region]
+    seconds: float                 # FCN + classifier, compilation excluded
+    compile_seconds: float
+    compilations: int
+    stride: int
+
+
+class Segmenter:
+    """The shipped FCN (default FCN-8s) beside the converted classifier it grew from.
+
+    Both run through `train.segment.SegmentPredictor` (shape buckets, tiles for big images).
+    """
+
+    def __init__(self, variant: str = "fcn8s", tag: str = seg.DEFAULT_TAG, *, weights_dir=None):
+        from train import segment_models as sm
+
+        self.meta = seg.shipped_metadata(variant, tag, weights_dir)
+        self.model = seg.load_shipped(variant, tag, weights_dir=weights_dir)
+        self.threshold = float(self.meta.get("baseline_threshold", 0.9))
+        self.fcn = seg.SegmentPredictor(self.model)
+        self.classifier = self._classifier(sm)
+
+    def _classifier(self, sm):
+        import convert
+        import zoo
+        from zoo import pretrained
+
+        source = self.meta.get("classifier", {})
+        tag = source.get("tag") if isinstance(source, dict) else None
+        if tag and tag in pretrained.available_tags(seg.CLASSIFIER):
+            classifier = zoo.create_model(seg.CLASSIFIER, pretrained=tag)
+            self.classifier_note = f"{seg.CLASSIFIER} pretrained={tag}"
+        else:
+            # Without the original weights, show the classifier head the FCN kept (the backbone is
+            # fine-tuned, so this is only an approximation of the converted classifier).
+            classifier = None
+            self.classifier_note = "the FCN's own backbone with its 10 class filters (classifier weights missing)"
+        if classifier is None:
+            backbone_fcn = _fcn_as_classifier_scores(self.model)
+            return seg.SegmentPredictor(backbone_fcn)
+        classifier.eval()
+        return seg.SegmentPredictor(sm.ConvertedClassifierScores(
+            convert.to_fcn(classifier), mean=self.model.mean, std=self.model.std))
+
+    @property
+    def compilations(self) -> int:
+        return self.fcn.compilations + self.classifier.compilations
+
+    def segment(self, image: np.ndarray) -> Segmentation:
+        image = seg.check_image_array(image)
+        compiled_before = self.fcn.compile_seconds + self.classifier.compile_seconds
+        start = time.perf_counter()
+        scores = self.fcn.predict(image)
+        classifier_scores = self.classifier.predict(image)
+        seconds = time.perf_counter() - start
+        compile_seconds = self.fcn.compile_seconds + self.classifier.compile_seconds - compiled_before
+        probabilities = softmax(scores)
+        labels = scores.argmax(-1).astype(np.uint8)
+        stride = self.model.total_stride
+        # The classifier's own cells: one per stride x stride block, sampled at the block centre.
+        centre = stride // 2
+        cells = softmax(classifier_scores[centre::stride, centre::stride])
+        return Segmentation(image, labels, probabilities, cells,
+                            seg.classifier_labels(classifier_scores, self.threshold),
+                            find_regions(labels, probabilities), seconds - compile_seconds, compile_seconds,
+                            self.compilations, stride)
+
+
+def _fcn_as_classifier_scores(model):
+    from flax import nnx
+
+    from train import segment_models as sm
+
+    class KeptClassFilters(nnx.Module):
+        def __init__(self, net):
+            self.net = sm.SegmentationFCN(nnx.clone(net.backbone), nnx.clone(net.score), skips=0, mean=net.mean,
+                                          std=net.std, num_classes=net.num_classes)
+
+        def __call__(self, x):
+            return self.net(x)[..., :10]
+
+    return KeptClassFilters(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def colorize(labels: np.ndarray, image: np.ndarray, alpha: float = 0.75) -> np.ndarray:
+    """(H, W, 3) RGB: the image in gray, each digit class's pixels tinted with its colour."""
+    rgb = np.repeat(image[..., None], 3, axis=-1) * 0.6
+    tint = CLASS_COLORS[np.minimum(labels, sd.BACKGROUND)]
+    digit = (labels < sd.BACKGROUND)[..., None]
+    return np.clip(np.where(digit, (1 - alpha) * rgb + alpha * tint + 0.25 * image[..., None], rgb), 0, 1)
+
+
+def classifier_map(cells: np.ndarray) -> np.ndarray:
+    """(h, w, 3): each classifier cell in its best class's colour, brightness = that class's probability."""
+    best = cells.argmax(-1)
+    confidence = cells.max(-1, keepdims=True)
+    return CLASS_COLORS[best] * confidence
+
+
+def draw(result: Segmentation, path, *, title: str = "", truth: np.ndarray | None = None,
+         max_side: int = 1400) -> Path:
+    """Write the overlay PNG: input | converted classifier score map | FCN-8s result, per-class maps, legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    image, labels = result.image, result.labels
+    height, width = image.shape
+    step = max(1, int(np.ceil(max(height, width) / max_side)))  # downsample huge images for display
+    shown_image, shown_labels = image[::step, ::step], labels[::step, ::step]
+    wide = width >= height
+    panels = [("input", np.repeat(shown_image[..., None], 3, -1)),
+              (f"converted classifier: best class per {result.stride}x{result.stride} cell, brightness = "
+               f"its probability", classifier_map(result.classifier_probs)),
+              ("FCN-8s segmentation", colorize(shown_labels, shown_image))]
+    if truth is not None:
+        panels.append(("ground truth", colorize(np.where(truth == sd.VOID, sd.BACKGROUND, truth)[::step, ::step],
+                                                 shown_image)))
+    n = len(panels)
+    aspect = height / width
+    panel_w = 11.0 if wide else min(5.5, 11.0 / n)
+    panel_h = panel_w * aspect
+    fig_w = 11.0 if wide else panel_w * n
+    main_h = panel_h * n if wide else panel_h
+    strip_h = fig_w / 10 * aspect + 0.35
+    fig = plt.figure(figsize=(fig_w, main_h + strip_h + 1.2 + (0.4 if title else 0)))
+    grid = fig.add_gridspec(3, 1, height_ratios=[main_h, strip_h, 0.8], hspace=0.25)
+    main = grid[0].subgridspec(n, 1, hspace=0.18) if wide else grid[0].subgridspec(1, n, wspace=0.04)
+    for k, (name, rgb) in enumerate(panels):
+        ax = fig.add_subplot(main[k, 0] if wide else main[0, k])
+        ax.imshow(rgb, interpolation="nearest", extent=(0, width, height, 0))
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if name.startswith("FCN"):
+            for region in result.regions:
+                top, left, h, w = region.box
+                ax.text(left + w / 2, top - 2, str(region.label), color="white", fontsize=7, ha="center",
+                        va="bottom", fontweight="bold")
+    strip = grid[1].subgridspec(1, 10, wspace=0.05)
+    for cls in range(10):
+        ax = fig.add_subplot(strip[0, cls])
+        ax.imshow(result.classifier_probs[..., cls], cmap="magma", vmin=0, vmax=1, interpolation="nearest",
+                  extent=(0, width, height, 0))
+        ax.set_title(f"P({cls})", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    legend_ax = fig.add_subplot(grid[2])
+    legend_ax.axis("off")
+    handles = [Patch(color=CLASS_COLORS[c], label=sd.CLASS_NAMES[c]) for c in range(10)]
+    handles.append(Patch(facecolor="black", edgecolor="gray", label="background"))
+    legend_ax.legend(handles=handles, ncol=11, loc="center", fontsize=8, frameon=False,
+                     title="classes (the small maps: the converted classifier's probability of each digit "
+                           "per cell)", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run(*, image_path=None, scene_size=None, seed: int = 0, out=None, invert: bool | None = None,
+        variant: str = "fcn8s", say=print) -> dict:
+    """Segment a file or a generated scene, write the picture, print and return what was found."""
+    if (image_path is None) == (scene_size is None):
+        raise ValueError("give an IMAGE file or --scene WxH (one of them)")
+    truth = None
+    if scene_size is not None:
+        scene = sd.generate_scene("test", seed, size=scene_size)
+        image = scene.image.astype(np.float32) / 255.0
+        truth = scene.label
+        name = f"scene {scene_size[1]}x{scene_size[0]} (seed {seed}, MNIST test digits)"
+        default_out = f"segment-scene-{scene_size[1]}x{scene_size[0]}-seed{seed}.png"
+        notes = {}
+    else:
+        image, notes = read_image(image_path, invert=invert)
+        name = str(image_path)
+        default_out = f"{Path(image_path).stem}-segment.png"
+    out = Path(out) if out else Path(default_out)
+    segmenter = Segmenter(variant)
+    result = segmenter.segment(image)
+    report = {
+        "input": name, "size": [int(image.shape[1]), int(image.shape[0])], "notes": notes,
+        "regions": [{"digit": r.label, "box_tlhw": list(map(int, r.box)), "pixels": r.pixels,
+                     "confidence": round(r.confidence, 3)} for r in result.regions],
+        "seconds_per_image": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 2),
+        "compilations": result.compilations, "buckets": [list(b) for b in segmenter.fcn.buckets],
+        "classifier": segmenter.classifier_note,
+    }
+    if truth is not None:
+        fcn_scores = seg.scores_from(seg.confusion(truth, result.labels))
+        base_scores = seg.scores_from(seg.confusion(truth, result.classifier_labels))
+        report["truth_digits"] = sorted(d["label"] for d in scene.digits)
+        report["fcn_mean_iou"] = round(fcn_scores["mean_iou"], 4)
+        report["fcn_pixel_accuracy"] = round(fcn_scores["pixel_accuracy"], 4)
+        report["classifier_mean_iou"] = round(base_scores["mean_iou"], 4)
+    title = (f"{name}: {len(result.regions)} digit region(s) found by {variant.upper().replace('S', 's')}"
+             + (f"; mean IU {report['fcn_mean_iou']:.3f} vs converted classifier "
+                f"{report['classifier_mean_iou']:.3f}" if truth is not None else ""))
+    draw(result, out, title=title, truth=truth)
+    report["picture"] = str(out)
+    say(f"{name}: {image.shape[1]}x{image.shape[0]} px" + (f" ({', '.join(f'{k}: {v}' for k, v in notes.items())})"
+                                                          if notes else ""))
+    found = ", ".join(str(r.label) for r in result.regions) or "none"
+    say(f"found {len(result.regions)} digit region(s), in reading order: {found}")
+    for r in result.regions[:40]:
+        top, left, h, w = r.box
+        say(f"  digit {r.label} at x={left}..{left + w - 1}, y={top}..{top + h - 1} "
+            f"({r.pixels} px, confidence {r.confidence:.2f})")
+    if len(result.regions) > 40:
+        say(f"  ... and {len(result.regions) - 40} more")
+    if truth is not None:
+        say(f"ground truth: {len(scene.digits)} digits; FCN-8s mean IU {report['fcn_mean_iou']:.3f}, "
+            f"pixel accuracy {report['fcn_pixel_accuracy']:.3f}; converted classifier mean IU "
+            f"{report['classifier_mean_iou']:.3f}")
+    say(f"time per image: {result.seconds:.3f} s (both networks, compilation excluded); "
+        f"{result.compilations} compilation(s) taking {result.compile_seconds:.1f} s; device: "
+        f"{seg.jax.devices()[0].platform}")
+    say(f"picture: {out.resolve()}")
+    return report
