@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.fcn import FCN, to_fcn
+from convert.fcn import FCN, ValidAvgPool, to_fcn
 from zoo import saving
-from zoo.layers import Activation, AvgPool
+from zoo.layers import Activation
 
 FCN_FORMAT = "fcnzoo-fcn"
 FCN_CONFIG = "fcn.json"
@@ -71,7 +71,7 @@ def _head_from_spec(spec: list[dict], dtype) -> list[nnx.Module]:
         elif op == "dropout":
             modules.append(nnx.Dropout(step["rate"], rngs=nnx.Rngs(dropout=0)))
         elif op == "avg_pool":
-            modules.append(AvgPool(window=tuple(step["window"]), strides=1, padding="VALID"))
+            modules.append(ValidAvgPool(window=tuple(step["window"]), strides=1, padding="VALID"))
         else:
             raise ValueError(f"unknown head step {step!r} in {FCN_CONFIG}; the file is damaged or newer than this code")
     return modules

@@ -47,6 +47,26 @@ class Elementwise(nnx.Module):
         return self.fn(x)
 
 
+class ValidAvgPool(AvgPool):
+    """`zoo.layers.AvgPool` for VALID padding, without counting the pixels of each window.
+
+    With VALID padding every window is full, so the mean is sum / window size. Counting
+    (count_include_pad=False) builds an all-ones image as large as the input that XLA then
+    constant-folds at every compilation: seconds per shape bucket on a large image.
+    x: (N, H, W, C) -> (N, H', W', C)
+    """
+
+    def __call__(self, x):
+        return nnx.avg_pool(x, self.window, strides=self.strides, padding="VALID", count_include_pad=True)
+
+
+def use_fast_valid_pools(module: nnx.Module) -> None:
+    """Swap every VALID `AvgPool` inside `module` (which we own) for the equivalent `ValidAvgPool`."""
+    for _, node in nnx.iter_graph(module):
+        if type(node) is AvgPool and isinstance(node.padding, str) and node.padding.upper() == "VALID":
+            node.__class__ = ValidAvgPool
+
+
 class PerPosition(nnx.Module):
     """A function of one feature vector (e.g. softmax over classes) applied at every position.
 
@@ -77,6 +97,8 @@ class FCN(nnx.Module):
 
     def __init__(self, backbone: Callable, head: Sequence[nnx.Module], *, head_spec: list[dict],
                  input_shape, feature_shape, pool: str, source: str):
+        if isinstance(backbone, nnx.Module):
+            use_fast_valid_pools(backbone)
         self.backbone = backbone
         self.head = nnx.List(head)
         self.head_spec_json = json.dumps(head_spec)
@@ -186,7 +208,7 @@ def convert_head(pool: str, layers: Sequence[tuple[str, Callable]], feature_shap
     seen_dense, pooled = False, pool == "flatten"
 
     def add_pool():
-        modules.append(AvgPool(window=(h, w), strides=1, padding="VALID"))
+        modules.append(ValidAvgPool(window=(h, w), strides=1, padding="VALID"))
         spec.append({"op": "avg_pool", "window": [h, w]})
 
     for name, layer in layers:

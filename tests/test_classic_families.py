@@ -312,12 +312,12 @@ def test_googlenet_aux_heads_read_4a_and_4d(googlenet_with_aux):
         getattr(model.features, aux_name).set_attributes(nnx.Dropout, deterministic=True)
     x = jax.random.normal(jax.random.key(8), (2, 65, 65, 3))
     _, (aux1, aux2) = googlenet.forward_with_aux(model, x)
-    model.train()
     expected, y = {}, x
     for step in model.features.step_names:
         y = getattr(model.features, step)(y)
         if step in ("inception4a", "inception4d"):
             expected[step] = model.features.aux1(y) if step == "inception4a" else model.features.aux2(y)
+    model.train()
     np.testing.assert_allclose(np.asarray(aux1), np.asarray(expected["inception4a"]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(aux2), np.asarray(expected["inception4d"]), rtol=1e-4, atol=1e-5)
 

@@ -52,6 +52,8 @@ MIN_SIZE = (28, 28)            # one MNIST digit; smaller images are refused
 MAX_PIXELS = 64_000_000        # larger images are refused (memory); images above TILE are tiled
 TILE = 1024                    # tile core size (pixels per side) for large images
 TILE_MARGIN = 32               # context on each side of a tile: > half the FCN-8s receptive field
+EVAL_LADDER = (128, 128, 1.0)  # evaluation: buckets 128, 256, 384, 512 per axis (few compilations)
+CHECK_LADDER = (512, 512, 1.0)  # the weights' quick re-check: every scene at 512x512, one compilation
 BUCKET_STEP = 16               # bucket sizes are MIN_BUCKET + k * BUCKET_STEP, growing by BUCKET_RATIO
 MIN_BUCKET = 32
 BUCKET_RATIO = 1.25
@@ -69,7 +71,7 @@ def classifier_fcn(tag: str = CLASSIFIER_TAG, *, model_dir: str | os.PathLike | 
         model_dir: instead, a directory written by `zoo.saving.save_model` (e.g. a `zoo train`
             run's model/), for when no weights are shipped.
     """
-    import convert
+    from convert.fcn import to_fcn
     from zoo import pretrained
 
     if model_dir is not None:
@@ -92,7 +94,7 @@ def classifier_fcn(tag: str = CLASSIFIER_TAG, *, model_dir: str | os.PathLike | 
     if not math.isclose(float(preprocessing["scale"]), 1 / 255, rel_tol=1e-6):
         raise ValueError(f"the classifier expects uint8 * {preprocessing['scale']}; the decoders assume 1/255")
     norm = (float(preprocessing["mean"][0]), float(preprocessing["std"][0]))
-    return convert.to_fcn(model), norm, source
+    return to_fcn(model), norm, source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,11 +134,12 @@ def classifier_labels(logits: np.ndarray, threshold: float) -> np.ndarray:
 # Predicting images of any size: shape buckets, tiles for big images
 
 
-def bucket_size(n: int) -> int:
-    """The padded length an axis of n pixels runs at (convert's bucket ladder, step BUCKET_STEP)."""
+def bucket_size(n: int, *, minimum: int = MIN_BUCKET, step: int = BUCKET_STEP, ratio: float = BUCKET_RATIO) -> int:
+    """The padded length an axis of n pixels runs at: the first rung >= n of convert's bucket ladder
+    (minimum + k * step, k growing by about `ratio`; step a multiple of the total stride)."""
     from convert.predict import bucket_ladder
 
-    return next(size for size in bucket_ladder(MIN_BUCKET, BUCKET_STEP, n, BUCKET_RATIO) if size >= n)
+    return next(size for size in bucket_ladder(minimum, step, n, ratio) if size >= n)
 
 
 class SegmentPredictor:
@@ -151,10 +154,14 @@ class SegmentPredictor:
     Args:
         network: a module mapping (N, H, W, 1) in [0, 1] to (N, H, W, K) (a SegmentationFCN, or
             ConvertedClassifierScores), H and W any size.
-        dtype: computation dtype of the input (bfloat16 halves the memory traffic on accelerators).
+        dtype: computation dtype (bfloat16 halves the memory traffic on accelerators).
+        ladder: (minimum, step, ratio) of the bucket ladder (see `bucket_size`); coarser rungs mean
+            fewer compilations and more padding.
     """
 
-    def __init__(self, network: nnx.Module, *, dtype=jnp.float32):
+    def __init__(self, network: nnx.Module, *, dtype=jnp.float32,
+                 ladder: tuple[int, int, float] = (MIN_BUCKET, BUCKET_STEP, BUCKET_RATIO)):
+        self.ladder = tuple(ladder)
         self._graphdef, self._state = nnx.split(network)
         self.dtype = jnp.dtype(dtype)
         if self.dtype != jnp.float32:
@@ -190,7 +197,8 @@ class SegmentPredictor:
         image = check_image_array(image)
         height, width = image.shape
         if max(height, width) <= TILE:
-            bh, bw = bucket_size(height), bucket_size(width)
+            bh, bw = (bucket_size(n, minimum=self.ladder[0], step=self.ladder[1], ratio=self.ladder[2])
+                      for n in (height, width))
             padded = np.zeros((1, bh, bw, 1), np.float32)
             padded[0, :height, :width, 0] = image
             return self._run(padded)[0, :height, :width]
@@ -418,14 +426,14 @@ def load_shipped(variant: str = "fcn8s", tag: str = DEFAULT_TAG, *, weights_dir=
     if digest != meta["sha256"]:
         raise ValueError(f"{weights_path} has sha256 {digest}, but {meta_path.name} records {meta['sha256']}: "
                          f"the file is damaged or was replaced; reinstall fcnzoo")
-    import convert
+    from convert.fcn import to_fcn
 
     kwargs = dict(meta["backbone"]["kwargs"])
     if isinstance(kwargs.get("input_size"), list):
         kwargs["input_size"] = tuple(kwargs["input_size"])
     classifier = zoo.create_model(meta["backbone"]["model"], **kwargs)
     classifier.eval()
-    model = sm.grow_from_classifier(convert.to_fcn(classifier), variant, mean=meta["normalization"]["mean"],
+    model = sm.grow_from_classifier(to_fcn(classifier), variant, mean=meta["normalization"]["mean"],
                                     std=meta["normalization"]["std"], num_classes=meta["num_classes"])
     load_flat_into(model, read_weights(weights_path), source=str(weights_path))
     model.eval()
@@ -438,7 +446,7 @@ def load_shipped(variant: str = "fcn8s", tag: str = DEFAULT_TAG, *, weights_dir=
 
 def train_all(*, classifier_tag: str = CLASSIFIER_TAG, classifier_dir=None, data_dir=None,
               config: SegmentTrainConfig | None = None, test_scenes: int | None = None,
-              calibration_scenes: int = 60, check_scenes: int = 24, ship: bool = True, tag: str = DEFAULT_TAG,
+              calibration_scenes: int = 30, check_scenes: int = 10, ship: bool = True, tag: str = DEFAULT_TAG,
               weights_dir=None, out_json: str | os.PathLike | None = None, log=None) -> dict:
     """Train FCN-32s -> 16s -> 8s from the converted classifier and evaluate all four on the test scenes.
 
@@ -456,7 +464,7 @@ def train_all(*, classifier_tag: str = CLASSIFIER_TAG, classifier_dir=None, data
     results = {"machine": machine_description(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "config": dataclasses.asdict(config), "classifier": source, "rows": []}
 
-    baseline = SegmentPredictor(sm.ConvertedClassifierScores(fcn, mean=mean, std=std))
+    baseline = SegmentPredictor(sm.ConvertedClassifierScores(fcn, mean=mean, std=std), ladder=EVAL_LADDER)
     threshold, grid = calibrate_threshold(baseline, train_scenes[:calibration_scenes])
     start = time.perf_counter()
     row = evaluate(lambda image: classifier_labels(baseline.predict(image / 255.0), threshold), test)
@@ -475,7 +483,7 @@ def train_all(*, classifier_tag: str = CLASSIFIER_TAG, classifier_dir=None, data
         model = (sm.grow_from_classifier(fcn, variant, mean=mean, std=std) if previous is None
                  else sm.grow_from(previous, variant))
         history = train_variant(model, train_scenes, config, log=log)
-        predictor = SegmentPredictor(model)
+        predictor = SegmentPredictor(model, ladder=EVAL_LADDER)
         start = time.perf_counter()
         row = evaluate(fcn_labeler(predictor), test)
         row.update(model=variant, train_seconds=round(history["seconds"], 1),
@@ -485,11 +493,12 @@ def train_all(*, classifier_tag: str = CLASSIFIER_TAG, classifier_dir=None, data
             f"(trained {history['seconds']:.0f} s)")
         results["rows"].append(row)
         if ship:
-            check = evaluate(fcn_labeler(predictor), test[:check_scenes])
+            check = evaluate(fcn_labeler(SegmentPredictor(model, ladder=CHECK_LADDER)), test[:check_scenes])
             export(model, tag, weights_dir=weights_dir,
                    metrics={"test_mean_iou": row["mean_iou"], "test_pixel_accuracy": row["pixel_accuracy"],
                             "test_scenes": row["scenes"],
-                            "check": {"scenes": check_scenes, "mean_iou": check["mean_iou"],
+                            "check": {"scenes": check_scenes, "ladder": list(CHECK_LADDER),
+                                      "mean_iou": check["mean_iou"],
                                       "pixel_accuracy": check["pixel_accuracy"]}},
                    extra={"classifier_kwargs": classifier_kwargs, "classifier": source,
                           "train": {**dataclasses.asdict(config), "seconds": round(history["seconds"], 1),

@@ -137,17 +137,18 @@ def mnist_digits(split: str, data_dir: str | None = None) -> tuple[np.ndarray, n
 
 
 def generate_scene(split: str, index: int, *, seed: int = DEFAULT_SEED, size: tuple[int, int] | None = None,
-                   data_dir: str | None = None) -> Scene:
+                   data_dir: str | None = None, scale_range=SCALE_RANGE) -> Scene:
     """Scene `index` of `split` (the one the data set stores), or, with `size`=(H, W), a scene of that size.
 
-    Digits come from MNIST's `split` only. The canvas size is drawn from SIZE_RANGE unless given.
+    Digits come from MNIST's `split` only. The canvas size is drawn from SIZE_RANGE unless given;
+    `scale_range` (1, 1) pastes the digits unscaled (for checks against the MNIST arrays).
     """
     rng = scene_rng(seed, split, index)
     height, width = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
     if size is not None:
         height, width = check_scene_size(size)
     images, labels = mnist_digits(split, data_dir)
-    return render_scene(height, width, images, labels, rng)
+    return render_scene(height, width, images, labels, rng, scale_range=scale_range)
 
 
 def check_scene_size(size) -> tuple[int, int]:
@@ -267,12 +268,13 @@ def _built_with(directory: Path) -> tuple[int | None, dict[str, int]]:
 
 
 def prepare_scenes(data_dir=None, *, seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None,
-                   quiet: bool = False) -> Path:
+                   mnist_data_dir=None, quiet: bool = False) -> Path:
     """Build `digit_scenes` offline from the prepared MNIST (a quick no-op when already built).
 
     Args:
-        data_dir: TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); MNIST is read
-            from (and prepared into) the same place.
+        data_dir: TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+        mnist_data_dir: where MNIST is prepared (default: data_dir when MNIST is there, else the
+            default TFDS data dir; prepared there when missing).
         seed: scene seed; sizes: scenes per split (default DEFAULT_SIZES).
     Returns:
         the directory of the built data set.
@@ -296,7 +298,11 @@ def prepare_scenes(data_dir=None, *, seed: int = DEFAULT_SEED, sizes: dict[str, 
         absl_logging.set_verbosity(absl_logging.ERROR)
     else:
         print(f"{NAME}: building {sizes} scenes from MNIST into {target}", file=sys.stderr, flush=True)
-    mnist_dir = str(Path(data_dir).expanduser().resolve()) if data_dir is not None else None
+    from train import data
+
+    mnist_dir = mnist_data_dir
+    if mnist_dir is None and data_dir is not None and data.is_prepared("mnist", data_dir):
+        mnist_dir = str(Path(data_dir).expanduser().resolve())
     mnist_digits("train", mnist_dir)  # prepares MNIST when needed, before TFDS starts
     builder = builder_class()(data_dir=str(target.parent.parent), sizes=sizes, seed=seed, mnist_data_dir=mnist_dir)
     builder.download_and_prepare(

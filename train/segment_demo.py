@@ -146,7 +146,7 @@ class Segmenter:
         self.classifier = self._classifier(sm)
 
     def _classifier(self, sm):
-        import convert
+        from convert.fcn import to_fcn
         import zoo
         from zoo import pretrained
 
@@ -165,7 +165,7 @@ class Segmenter:
             return seg.SegmentPredictor(backbone_fcn)
         classifier.eval()
         return seg.SegmentPredictor(sm.ConvertedClassifierScores(
-            convert.to_fcn(classifier), mean=self.model.mean, std=self.model.std))
+            to_fcn(classifier), mean=self.model.mean, std=self.model.std))
 
     @property
     def compilations(self) -> int:
