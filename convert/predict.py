@@ -7,7 +7,8 @@ bucket ahead of time (`jax.jit(...).lower(...).compile()`), caches the
 executable, and crops the output to the cells of the unpadded image.
 
 For VALID-padded networks the crop is exact: a cell whose window lies inside
-the image never sees the padding. Bucket sizes are R + k*S (R the receptive
+the image never sees the padding (results agree to float32 rounding, as XLA may
+sum in a different order for a different shape). Bucket sizes are R + k*S (R the receptive
 field, S the total stride), so no padded pixel is wasted on a partial window.
 SAME-padded networks zero-pad at every layer, so padding the image changes the
 cells near its bottom/right edge; bucketing is off for them unless asked for
@@ -246,8 +247,9 @@ def save_heatmap(image: np.ndarray, result: DenseScores, path: str | os.PathLike
     fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.5))
     shown = image[..., 0] if image.shape[-1] == 1 else image
     ax.imshow(shown, cmap="gray" if image.shape[-1] == 1 else None, extent=(0, width, height, 0))
-    overlay = ax.imshow(probs[..., class_index], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=extent,
-                        interpolation="nearest")
+    # Colour range = this class's own range, so a weak but localized answer is still visible.
+    overlay = ax.imshow(probs[..., class_index], cmap="jet", alpha=0.45, vmin=0,
+                        vmax=max(float(probs[..., class_index].max()), 1e-6), extent=extent, interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04, label=f"P(class {class_index})")

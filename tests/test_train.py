@@ -128,6 +128,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed_match_one(tmp_path, reference):
     worker = textwrap.dedent("""
         import json, sys
@@ -179,6 +180,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights_and_damaged_checkpoints_fall_back(tmp_path, capfd):
     # 2 epochs of 4 steps; checkpoints at steps 3 (mid-epoch), 4 (epoch end), 6 (mid-epoch), 8.
     settings = dict(epochs=2, max_steps=None, checkpoint_every=3, keep_checkpoints=2)
@@ -227,6 +229,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 # outputs
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_metrics_curves_and_a_loadable_model(tmp_path, capsys):
     from zoo.cli import main
     from zoo.saving import load_model
@@ -235,7 +238,7 @@ def test_cli_trains_and_writes_metrics_curves_and_a_loadable_model(tmp_path, cap
     code = main(["train", "lenet5", "--dataset", "mnist", "--model-kwargs", '{"input_padding": 2}',
                  "--epochs", "2", "--batch-size", "32", "--train-examples", "64", "--test-examples", "64",
                  "--lr", "3e-3", "--ema", "0.9", "--shift", "2", "--rotate", "10", "--scale", "0.1",
-                 "--out", str(out), "--no-progress", "--seed", "1"])
+                 "--out", str(out), "--no-progress", "--seed", "1", "--fast-compile"])
     assert code == 0
     captured = capsys.readouterr()
     assert "memory estimate" in captured.err

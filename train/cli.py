@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def cmd_data_prepare(args) -> int:
     from train import data
@@ -34,9 +32,9 @@ def cmd_train(args) -> int:
     import json
     import sys
 
+    from train.checkpoint import CheckpointError
     from train.config import TrainConfig
     from train.loop import TrainingDiverged, train
-    from train.checkpoint import CheckpointError
 
     if args.coordinator:
         from train import parallel
@@ -57,7 +55,7 @@ def cmd_train(args) -> int:
         dtype="bfloat16" if args.bf16 else "float32", remat=args.remat, data_parallel=args.data_parallel,
         seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, max_steps=args.max_steps,
-        steps_per_call=args.steps_per_call, progress=not args.no_progress)
+        steps_per_call=args.steps_per_call, progress=not args.no_progress, fast_compile=args.fast_compile)
     try:
         result = train(config)
     except (TrainingDiverged, CheckpointError) as e:
@@ -115,6 +113,8 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many updates")
     p.add_argument("--steps-per-call", type=int, default=1, help="updates per jitted call (fast devices)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="compile without XLA backend optimizations (smoke runs: quicker start, slower steps)")
     p.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (jax.distributed)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)

@@ -25,6 +25,7 @@ per process through `tfds.data_source` and kept in memory (all of MNIST is 55 MB
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -35,7 +36,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -428,10 +428,13 @@ def prepare(name: str, data_dir=None, *, quiet: bool = False) -> Path:
         tfds.disable_progress_bar()
         absl_logging.set_verbosity(absl_logging.ERROR)
     builder = builder_class(name)(data_dir=str(root))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False),
-        file_format="array_record",
-    )
+    # TFDS prints its own banner; --quiet means nothing at all (errors still raise).
+    muted = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+    with muted:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False),
+            file_format="array_record",
+        )
     if not is_prepared(name, root):
         raise RuntimeError(f"TFDS finished but {target} does not hold both splits; see the log above")
     _say(quiet, f"{name}: prepared in {target}")

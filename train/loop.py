@@ -103,10 +103,9 @@ def init_model(config: TrainConfig, image_shape, num_classes: int) -> nnx.Module
     on a busy CPU); here the structure comes from `nnx.eval_shape` (nothing runs) and the values
     from one jitted call compiled without backend optimizations. Same values as eager init.
     """
-    make = lambda: build_model(config, image_shape, num_classes)  # noqa: E731
-    graphdef = nnx.split(nnx.eval_shape(make))[0]
-    state = jax.jit(lambda: nnx.state(make()), compiler_options=FAST_COMPILE)()
-    return nnx.merge(graphdef, state)
+    from zoo.pretrained import build_initialized
+
+    return build_initialized(lambda: build_model(config, image_shape, num_classes))
 
 
 def model_kwargs_for_saving(config: TrainConfig, image_shape, num_classes: int) -> dict[str, Any]:
@@ -125,7 +124,7 @@ def remat_blocks(model: nnx.Module) -> int:
     """
     backbone = getattr(model, "features", model)
     blocks = []
-    for _, child in backbone.iter_children():
+    for _, child in nnx.iter_children(backbone):
         if isinstance(child, nnx.List):
             blocks += [m for m in child if isinstance(m, nnx.Module)]
         elif isinstance(child, nnx.Module):

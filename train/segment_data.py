@@ -194,6 +194,9 @@ def builder_class():
         """Real MNIST digits pasted on canvases of varied size, with per-pixel labels."""
 
         VERSION = tfds.core.Version(DATASET_VERSION)
+        # Nothing is downloaded: no checksums file to look up next to this module (which, under an
+        # editable install, importlib.resources cannot always open).
+        url_infos = {}
         RELEASE_NOTES = {DATASET_VERSION: "Initial release: 11 classes (10 digits + background), void rim."}
 
         def __init__(self, *, sizes: dict[str, int] | None = None, seed: int = DEFAULT_SEED,

@@ -150,7 +150,8 @@ def _xception_layout(spec) -> Iterator[KerasLayer]:
 def _efficientnet_layout(spec) -> Iterator[KerasLayer]:
     from zoo.efficientnet import block_configs
 
-    yield KerasLayer("normalization", "normalization", "features.input_norm")
+    # Keras names it "normalization", "normalization_1"... by how many were built before.
+    yield KerasLayer(None, "normalization", "features.input_norm")
     yield KerasLayer("stem_conv", "conv", "features.stem.conv.conv")
     yield KerasLayer("stem_bn", "bn", "features.stem.bn")
     options = spec.options
@@ -298,16 +299,16 @@ def match_layers(layout: list[KerasLayer], weights: KerasWeights) -> tuple[dict,
                     for j, a in enumerate(arrays)}
         return found, leftover
     named = {layer.name for layer in layout if layer.name}
-    anonymous = {"conv": [], "bn": []}
+    anonymous: dict[str, list[str]] = {}
     for layer_name, variables in weights.layers.items():
         if layer_name not in named:
-            anonymous["bn" if "gamma" in variables or "moving_mean" in variables else "conv"].append(layer_name)
+            anonymous.setdefault(_legacy_kind(variables), []).append(layer_name)
     claimed = set()
     for i, layer in enumerate(layout):
         if layer.name is not None:
             key = layer.name if layer.name in weights.layers else None
-        else:
-            queue = anonymous["bn" if layer.kind == "bn" else "conv"]
+        else:  # automatically named in Keras: the next unnamed file layer of the same kind
+            queue = anonymous.get(_legacy_kind(dict.fromkeys(KINDS[layer.kind][1])), [])
             key = queue.pop(0) if queue else None
         if key is not None:
             found[i] = weights.layers[key]
@@ -315,6 +316,15 @@ def match_layers(layout: list[KerasLayer], weights: KerasWeights) -> tuple[dict,
     leftover = {f"{name}/{v}": a for name, variables in weights.layers.items() if name not in claimed
                 for v, a in variables.items()}
     return found, leftover
+
+
+def _legacy_kind(variables) -> str:
+    """The kind of layer a legacy file's variable names reveal (only as fine as matching needs)."""
+    if "moving_mean" in variables:
+        return "bn"
+    if "count" in variables:
+        return "normalization"
+    return "separable" if "pointwise_kernel" in variables else "conv"
 
 
 def _short_names(kind: str, arrays) -> tuple[str, ...]:

@@ -97,9 +97,9 @@ def _initialize_leftovers(model: nnx.Module, reinitialize: Iterable[str], seed: 
             layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
         fresh = nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.use_bias,
                            rngs=nnx.Rngs(params=jax.random.fold_in(key, i)))
-        layer.kernel.value = fresh.kernel.value
+        layer.kernel.set_value(fresh.kernel.get_value())
         if layer.use_bias:
-            layer.bias.value = fresh.bias.value
+            layer.bias.set_value(fresh.bias.get_value())
     graphdef, state = nnx.split(model)
     counter = iter(range(1 << 30))
 

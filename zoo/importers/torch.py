@@ -69,7 +69,7 @@ VGG_BN_REASON = (
 # TensorFlow), B0..B4 with PyTorch's default 1e-5.
 EFFICIENTNET_BN_EPSILON = {**{f"efficientnet_b{i}": 1e-5 for i in range(5)},
                            **{f"efficientnet_b{i}": 1e-3 for i in range(5, 8)}}
-VGG_FEATURE_SHAPE = (7, 7, 512)  # torchvision's adaptive pool output, flattened channel-first
+VGG_POOLED_SIZE = (7, 7)  # torchvision's adaptive average pool output, flattened channel-first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +220,12 @@ def _linear_kernel(weight: np.ndarray) -> np.ndarray:
     return weight.T if weight.ndim == 2 else weight
 
 
-def _flatten_linear_kernel(weight: np.ndarray, feature_shape=VGG_FEATURE_SHAPE) -> np.ndarray:
+def _flatten_linear_kernel(weight: np.ndarray) -> np.ndarray:
     # Columns ordered (c, h, w) by torch.flatten on NCHW -> rows ordered (h, w, c) for our Flatten.
-    h, w, c = feature_shape
-    if weight.ndim != 2 or weight.shape[1] != h * w * c:
+    h, w = VGG_POOLED_SIZE
+    if weight.ndim != 2 or weight.shape[1] % (h * w):
         return _linear_kernel(weight)
+    c = weight.shape[1] // (h * w)
     return weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
 
 

@@ -1,0 +1,80 @@
+"""Measure the playbook's switches on this machine: step time, compile time, XLA temp memory.
+
+    python -m train.bench lenet5 --model-kwargs '{"input_padding": 2}' --batch-size 128
+    python -m train.bench mnistnet --batch-size 256 --steps 10
+
+For each setting (fp32, bf16, remat, accumulate 4) it builds the loop's own jitted train
+step (`train.loop.make_functions`) on random uint8 images, reports XLA's `memory_analysis()`
+temp bytes of the compiled step, the compile time, and updates per second (after a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from train import loop
+from train.config import TrainConfig
+
+
+def measure(config: TrainConfig, steps: int, image_shape=(28, 28, 1), num_classes: int = 10) -> dict:
+    n = config.batch_size * 4
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (n, *image_shape), dtype=np.uint8))
+    labels = jax.device_put(rng.integers(0, num_classes, (n,), dtype=np.int32))
+    model = loop.init_model(config, image_shape, num_classes)
+    model.eval()
+    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
+    if config.remat:
+        loop.remat_blocks(model)
+    model.train()
+    graphdef, params, rng_state, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    schedule = loop.make_schedule(config, 1000, 4)
+    tx = loop.make_optimizer(config, schedule)
+    fns = loop.make_functions(config, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_state=rng_state,
+                              tx=tx, schedule=schedule, num_classes=num_classes, num_train=n, steps_per_epoch=4,
+                              preprocessing={"scale": 1 / 255, "mean": [0.5], "std": [0.25]})
+    state = jax.jit(lambda p, o: {"step": jax.numpy.int32(0), "params": p, "other": o, "opt_state": tx.init(p),
+                                  "ema": None})(params, other)
+    order = fns.permutation(0)
+    start = time.perf_counter()
+    compiled = fns.train_steps.lower(state, images, labels, order, 1).compile()
+    compile_seconds = time.perf_counter() - start
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    state, metrics = compiled(state, images, labels, order)
+    metrics.block_until_ready()
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, images, labels, order)
+    metrics.block_until_ready()
+    seconds = (time.perf_counter() - start) / steps
+    return {"temp_MiB": round(temp / 2**20, 1), "compile_s": round(compile_seconds, 1),
+            "ms_per_step": round(1e3 * seconds, 1), "steps_per_s": round(1 / seconds, 2),
+            "loss": float(metrics[0, 0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--model-kwargs", default="{}")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--settings", default="fp32,bf16,remat,accumulate4")
+    args = parser.parse_args()
+    base = dict(model=args.model, model_kwargs=json.loads(args.model_kwargs), batch_size=args.batch_size,
+                schedule="constant", progress=False)
+    variants = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "remat": {"remat": True},
+                "accumulate4": {"accumulate": 4}}
+    print(f"{args.model}, batch {args.batch_size}, {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    for name in args.settings.split(","):
+        result = measure(TrainConfig(**base, **variants[name]), args.steps)
+        print(json.dumps({"setting": name, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
