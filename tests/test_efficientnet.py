@@ -29,11 +29,13 @@ PUBLISHED_STRUCTURE = {
     "b2": (32, (16, 24, 48, 88, 120, 208, 352), (2, 3, 3, 4, 4, 5, 2), 1408),
     "b3": (40, (24, 32, 48, 96, 136, 232, 384), (2, 3, 3, 5, 5, 6, 2), 1536),
     "b4": (48, (24, 32, 56, 112, 160, 272, 448), (2, 4, 4, 6, 6, 8, 2), 1792),
-    "b5": (48, (24, 40, 64, 128, 176, 304, 512), (3, 4, 4, 7, 7, 9, 3), 2048),
+    "b5": (48, (24, 40, 64, 128, 176, 304, 512), (3, 5, 5, 7, 7, 9, 3), 2048),
     "b6": (56, (32, 40, 72, 144, 200, 344, 576), (3, 6, 6, 8, 8, 11, 3), 2304),
     "b7": (64, (32, 48, 80, 160, 224, 384, 640), (4, 7, 7, 10, 10, 13, 4), 2560),
 }
 
+# Number of MBConv blocks (Keras's block1a ... block7x layers).
+PUBLISHED_BLOCK_COUNTS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55}
 # Keras's block{i}{x}_se_reduce filters for B0, block by block.
 B0_SE_WIDTHS = (8, 4, 6, 6, 10, 10, 20, 20, 20, 28, 28, 28, 48, 48, 48, 48)
 # Keras's block{i}{x}_drop rates for B0 (the blocks with an identity shortcut).
@@ -66,6 +68,7 @@ def test_derived_structure_matches_published(variant):
     scaling = E.COMPOUND_SCALING[variant]
     configs = E.block_configs(scaling.width_multiplier, scaling.depth_multiplier)
     assert stage_summary(configs) == (widths, repeats)
+    assert len(configs) == PUBLISHED_BLOCK_COUNTS[variant]
     assert E.round_filters(E.STEM_FILTERS, scaling.width_multiplier) == stem
     assert E.round_filters(E.TOP_FILTERS, scaling.width_multiplier) == top
     spec = zoo.get_spec(f"efficientnet_{variant}")

@@ -26,8 +26,7 @@ from __future__ import annotations
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head, output_shape
-from zoo.layers import Activation, LocalResponseNorm, MaxPool
-from zoo.lenet import NamedSequential
+from zoo.layers import Activation, LocalResponseNorm, MaxPool, NamedSequential
 from zoo.registry import ModelSpec, register
 
 # The convolution table: (name, output maps, kernel, stride, padding, grouped like the

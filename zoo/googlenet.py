@@ -40,8 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.classifier import Classifier, Head, dense_head, output_shape
-from zoo.layers import Activation, AvgPool, LocalResponseNorm, MaxPool, SqueezeExcite
-from zoo.lenet import NamedSequential
+from zoo.layers import Activation, AvgPool, LocalResponseNorm, MaxPool, NamedSequential, SqueezeExcite
 from zoo.registry import ModelSpec, register
 
 # The paper's Table 1, one row per Inception unit: (name, #1x1, #3x3 reduce, #3x3,

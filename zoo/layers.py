@@ -8,6 +8,8 @@ each step is), which a lambda never allows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -133,3 +135,44 @@ class SqueezeExcite(nnx.Module):
         s = x.mean(axis=(1, 2))
         s = jax.nn.sigmoid(self.expand(self.act(self.reduce(s))))
         return x * s[:, None, None, :].astype(x.dtype)
+
+
+class NamedSequential(nnx.Module):
+    """Layers applied in order, each stored under its own attribute name.
+
+    Unlike `nnx.Sequential` (`layers.0`, `layers.1`, ...), parameter paths read
+    like the paper (`features.conv1.kernel`, `features.lrn1`), and stay stable
+    when an optional layer is added or removed.
+
+    Args:
+        steps: (name, module) pairs; names must be identifiers and unique.
+    x: (N, H, W, C) -> whatever the last step returns
+    """
+
+    def __init__(self, steps: Sequence[tuple[str, nnx.Module]]):
+        names = []
+        for name, layer in steps:
+            if not name.isidentifier() or name in names or hasattr(self, name):
+                raise ValueError(f"step name {name!r} must be a new Python identifier")
+            setattr(self, name, layer)
+            names.append(name)
+        self.step_names = tuple(names)
+
+    def __call__(self, x):
+        for name in self.step_names:
+            x = getattr(self, name)(x)
+        return x
+
+
+class ZeroPad(nnx.Module):
+    """Zero-pad `padding` pixels on every side of H and W.
+
+    x: (N, H, W, C) -> (N, H + 2 * padding, W + 2 * padding, C)
+    """
+
+    def __init__(self, padding: int):
+        self.padding = padding
+
+    def __call__(self, x):
+        p = self.padding
+        return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))

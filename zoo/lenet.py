@@ -21,62 +21,16 @@ scale is left out) and average-pooling subsampling (the paper's subsampling
 also had a trainable coefficient and bias per map; ours has none). Modern
 options: `activation="relu"`, `pooling="max"`. MNIST's 28x28 digits fit with
 `input_padding=2`, which zero-pads inside the model to the paper's 32x32.
-
-`NamedSequential`, used by all the classic families (AlexNet, VGG, GoogLeNet),
-lives here because this is the first of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
-import jax.numpy as jnp
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head, output_shape
-from zoo.layers import Activation, AvgPool, MaxPool
+from zoo.layers import Activation, AvgPool, MaxPool, NamedSequential, ZeroPad
 from zoo.registry import ModelSpec, register
-
-
-class NamedSequential(nnx.Module):
-    """Layers applied in order, each stored under its own attribute name.
-
-    Unlike `nnx.Sequential` (`layers.0`, `layers.1`, ...), parameter paths read
-    like the paper (`features.conv1.kernel`, `features.lrn1`), and stay stable
-    when an optional layer is added or removed.
-
-    Args:
-        steps: (name, module) pairs; names must be identifiers and unique.
-    x: (N, H, W, C) -> whatever the last step returns
-    """
-
-    def __init__(self, steps: Sequence[tuple[str, nnx.Module]]):
-        names = []
-        for name, layer in steps:
-            if not name.isidentifier() or name in names or hasattr(self, name):
-                raise ValueError(f"step name {name!r} must be a new Python identifier")
-            setattr(self, name, layer)
-            names.append(name)
-        self.step_names = tuple(names)
-
-    def __call__(self, x):
-        for name in self.step_names:
-            x = getattr(self, name)(x)
-        return x
-
-
-class ZeroPad(nnx.Module):
-    """Zero-pad `padding` pixels on every side of H and W.
-
-    x: (N, H, W, C) -> (N, H + 2 * padding, W + 2 * padding, C)
-    """
-
-    def __init__(self, padding: int):
-        self.padding = padding
-
-    def __call__(self, x):
-        p = self.padding
-        return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
 
 
 POOLINGS = {"avg": AvgPool, "max": MaxPool}

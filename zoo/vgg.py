@@ -16,8 +16,7 @@ from __future__ import annotations
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head, output_shape
-from zoo.layers import Activation, MaxPool
-from zoo.lenet import NamedSequential
+from zoo.layers import Activation, MaxPool, NamedSequential
 from zoo.registry import ModelSpec, register
 
 VGG_LAYERS = {
