@@ -22,7 +22,7 @@ from zoo.layers import Activation, AvgPool, LocalResponseNorm, MaxPool
 
 
 def abstract_model(name, **kwargs):
-    return nnx.eval_shape(lambda: zoo.create_model(name, **kwargs))
+    return zoo.eval_shape(lambda: zoo.create_model(name, **kwargs))
 
 
 def param_grads_nonzero(grads, prefix):
@@ -341,7 +341,7 @@ def test_googlenet_aux_option_errors():
     with pytest.raises(ValueError, match="include_top"):
         zoo.create_model("googlenet", include_top=False, aux_logits=True)
     with pytest.raises(ValueError, match="65x65"):
-        nnx.eval_shape(lambda: zoo.create_model("googlenet", input_size=64, aux_logits=True))
+        zoo.eval_shape(lambda: zoo.create_model("googlenet", input_size=64, aux_logits=True))
 
 
 def test_googlenet_se_option_adds_one_gate_per_unit():

@@ -50,7 +50,7 @@ def abstract_model(name, **options):
     """`nnx.eval_shape` of a registered model, built once per test session (tracing is slow)."""
     key = (name, repr(sorted(options.items())))
     if key not in _ABSTRACT:
-        _ABSTRACT[key] = nnx.eval_shape(lambda: zoo.create_model(name, **options))
+        _ABSTRACT[key] = zoo.eval_shape(lambda: zoo.create_model(name, **options))
     return _ABSTRACT[key]
 
 

@@ -27,7 +27,7 @@ if keras.backend.backend() != "jax":  # pragma: no cover
 
 import zoo  # noqa: E402
 from zoo.importers import import_keras, preprocess_input, read_keras_weights  # noqa: E402
-from zoo.importers.keras import IMAGENET_STDDEV_RGB, keras_layout, keras_to_zoo, match_layers  # noqa: E402
+from zoo.importers.keras import IMAGENET_STDDEV_RGB, keras_layout, keras_to_zoo  # noqa: E402
 from zoo.importers.loading import build_abstract, head_dense_paths, weight_shapes  # noqa: E402
 from zoo.importers.reference import keras_application, randomize_keras_weights, relative_error  # noqa: E402
 from zoo.saving import WeightsMismatchError  # noqa: E402

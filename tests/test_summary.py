@@ -40,7 +40,7 @@ def book_network(between=None):
                          ids=["no-activation", "relu-function", "relu-module"])
 def test_book_network_numbers(between):
     # Built with real weights once, as a user would; abstractly (no init compute) otherwise.
-    model = book_network(between) if between is None else nnx.eval_shape(lambda: book_network(between))
+    model = book_network(between) if between is None else zoo.eval_shape(lambda: book_network(between))
     summary = summarize(model, (200, 300, 3), batch_size=50, xla=False)
     assert summary.params == 903_400
     assert summary.inference_bytes(1) == 12_613_600
@@ -61,7 +61,7 @@ def small_net():
 
 
 def test_parameters_match_formula_and_count_params():
-    model = nnx.eval_shape(small_net)
+    model = zoo.eval_shape(small_net)
     summary = summarize(model, (18, 18, 3), xla=False)
     expected = {"Conv": [3 * 3 * 3 * 8 + 8, 5 * 5 * 8 * 16 + 16], "Linear": [16 * 6 * 6 * 10 + 10]}
     got = {kind: [r.params for r in summary.layers if r.kind == kind] for kind in expected}
@@ -77,7 +77,7 @@ def test_flops_match_xla_cost_analysis():
     # of each bias add and of the relu, which the book-style count leaves out. We add those
     # (computed from the output shapes) and allow 0.1% for any bookkeeping XLA adds. Without
     # them the two differ by about 1 / (2 k k cin) of a layer's FLOPs per op (1.3% here).
-    summary = summarize(nnx.eval_shape(small_net), (18, 18, 3), batch_size=2)
+    summary = summarize(zoo.eval_shape(small_net), (18, 18, 3), batch_size=2)
     elementwise = sum(math.prod(r.output_shape) for r in summary.layers
                       if r.kind in ("Conv", "Linear", "Activation"))
     inference_1 = next(f for f in summary.xla if f.what == "inference" and f.batch_size == 1)
@@ -86,7 +86,7 @@ def test_flops_match_xla_cost_analysis():
 
 
 def test_xla_memory_figures_present_and_positive():
-    summary = summarize(nnx.eval_shape(book_network), (200, 300, 3), batch_size=4)
+    summary = summarize(zoo.eval_shape(book_network), (200, 300, 3), batch_size=4)
     assert [(f.what, f.batch_size) for f in summary.xla] == [("inference", 1), ("inference", 4), ("training", 4)]
     for fig in summary.xla:
         assert fig.argument_bytes > 0 and fig.output_bytes > 0 and fig.temp_bytes > 0 and fig.total_bytes > 0
@@ -112,7 +112,7 @@ def tiny_classifier(rngs, *, num_classes=10, input_shape=(32, 32, 3), dtype=jnp.
 
 
 def test_nested_abstract_classifier_and_grouping():
-    model = nnx.eval_shape(lambda: tiny_classifier(nnx.Rngs(params=0, dropout=1)))
+    model = zoo.eval_shape(lambda: tiny_classifier(nnx.Rngs(params=0, dropout=1)))
     before = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(model))
     summary = summarize(model, (32, 32, 3), batch_size=3)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(model)) == before
@@ -138,7 +138,7 @@ def test_shared_module_counts_parameters_once():
         conv = nnx.Conv(4, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
         return nnx.Sequential(conv, conv)
 
-    model = nnx.eval_shape(twice)
+    model = zoo.eval_shape(twice)
     summary = summarize(model, (8, 8, 4), xla=False)
     assert [r.params for r in summary.layers] == [3 * 3 * 4 * 4 + 4, 0]
     assert summary.params == zoo.count_params(model.layers[0])
@@ -147,7 +147,7 @@ def test_shared_module_counts_parameters_once():
 @pytest.mark.parametrize("bad", [(224, 224, 0), (), (224.0, 224, 3)])
 def test_bad_input_shape_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="input_shape"):
-        summarize(nnx.eval_shape(small_net), bad)
+        summarize(zoo.eval_shape(small_net), bad)
 
 
 @pytest.mark.parametrize("bad", ["224x224", "axb", "224x224x3x1", "0x224x3"])
@@ -172,7 +172,7 @@ def test_cli_json(tiny_registered, capsys):
     assert cli.main(["summary", tiny_registered, "--input", "16x16x3", "--batch", "2",
                      "--num-classes", "5", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    model = nnx.eval_shape(lambda: tiny_classifier(nnx.Rngs(0), num_classes=5, input_shape=(16, 16, 3)))
+    model = zoo.eval_shape(lambda: tiny_classifier(nnx.Rngs(0), num_classes=5, input_shape=(16, 16, 3)))
     assert data["params"] == zoo.count_params(model)
     assert data["input_shape"] == [16, 16, 3]
     assert [c["what"] for c in data["comparisons"]] == ["inference", "inference", "training"]
@@ -192,6 +192,6 @@ def test_cli_json_registered_model(name, input_size, capsys):
     assert cli.main(["summary", name, "--input", input_size, "--batch", "2", "--json", "--no-xla"]) == 0
     data = json.loads(capsys.readouterr().out)
     h, w, c = map(int, input_size.split("x"))
-    model = nnx.eval_shape(lambda: zoo.create_model(name, input_size=(h, w), in_channels=c))
+    model = zoo.eval_shape(lambda: zoo.create_model(name, input_size=(h, w), in_channels=c))
     assert data["params"] == zoo.count_params(model)
     assert data["unattributed_params"] == 0

@@ -7,7 +7,7 @@
 """
 
 from zoo.classifier import Classifier, Head, check_images, dense_head, output_shape
-from zoo.registry import ModelSpec, count_params, create_model, get_spec, list_models, register
+from zoo.registry import ModelSpec, count_params, create_model, eval_shape, get_spec, list_models, register
 
 # Each family file registers its variants when imported.
 from zoo import lenet, alexnet, vgg, googlenet, resnet, xception, efficientnet, mnistnet  # noqa: E402,F401
@@ -15,5 +15,5 @@ from zoo.summary import summarize  # noqa: E402
 
 __all__ = [
     "Classifier", "Head", "ModelSpec", "check_images", "count_params", "create_model",
-    "dense_head", "get_spec", "list_models", "output_shape", "register", "summarize",
+    "dense_head", "eval_shape", "get_spec", "list_models", "output_shape", "register", "summarize",
 ]

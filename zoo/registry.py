@@ -11,6 +11,7 @@ dtype=..., rngs=..., **options)`, which returns a `zoo.classifier.Classifier`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from collections.abc import Callable
@@ -97,6 +98,33 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
+@contextlib.contextmanager
+def _cheap_tracer_error_messages():
+    """Make tracing large models under `nnx.eval_shape` linear-time again.
+
+    With flax 0.12.8 / jax 0.10.2, every RNG draw while tracing probes a tracer's
+    `sharding`, which raises an AttributeError whose message JAX builds by scanning
+    the whole trace so far (`_origin_msg`): quadratic in model size (resnet152:
+    25 s instead of 4.6 s). flax catches and discards that message, so we skip
+    building it for the duration of the trace.
+    """
+    from jax._src.interpreters import partial_eval
+
+    tracer = partial_eval.DynamicJaxprTracer
+    original = tracer._origin_msg
+    tracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        tracer._origin_msg = original
+
+
+def eval_shape(fn, *args, **kwargs):
+    """`nnx.eval_shape`, fast on big models: builds `fn(*args)` with abstract arrays only."""
+    with _cheap_tracer_error_messages():
+        return nnx.eval_shape(fn, *args, **kwargs)
+
+
 def create_model(
     name: str,
     *,
@@ -107,6 +135,7 @@ def create_model(
     dtype=jnp.float32,
     rngs: nnx.Rngs | int = 0,
     pretrained: str | None = None,
+    abstract: bool = False,
     **options,
 ) -> nnx.Module:
     """Build a registered model.
@@ -120,6 +149,8 @@ def create_model(
         dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16.
         rngs: an `nnx.Rngs` or an int seed.
         pretrained: tag of shipped weights (see `zoo list`); loads them offline.
+        abstract: build with shape/dtype placeholders only (nothing allocated or initialized):
+            for counting parameters, summaries and shape checks of the biggest models.
         **options: family options overriding the variant's (e.g. `aux_logits=True` for GoogLeNet).
     Returns:
         a `zoo.classifier.Classifier`, in train mode (call `.eval()` for inference).
@@ -135,6 +166,10 @@ def create_model(
         )
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+    if abstract:  # values are irrelevant, so a fresh seed avoids tracing the caller's Rngs
+        return eval_shape(lambda: create_model(
+            name, num_classes=num_classes, input_size=input_size, in_channels=in_channels,
+            include_top=include_top, dtype=dtype, rngs=0, **options))
     if isinstance(rngs, int):
         rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
     if pretrained is not None:

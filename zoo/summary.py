@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.layers import Activation, Flatten
+from zoo.registry import eval_shape
 
 # Layers whose output can overwrite their input (same size and dtype checked at run time).
 IN_PLACE_KINDS = (Activation, Flatten, nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm, nnx.Dropout)
@@ -560,7 +561,7 @@ def cmd_summary(args) -> int:
     if args.depth is not None and args.depth < 0:
         raise ValueError(f"--depth must be 0 (every layer) or more, got {args.depth}")
     dtype = DTYPES[args.dtype]
-    model = nnx.eval_shape(lambda: create_model(
+    model = eval_shape(lambda: create_model(
         args.name, num_classes=args.num_classes, input_size=(h, w), in_channels=c, dtype=dtype))
     summary = summarize(model, (h, w, c), batch_size=args.batch, dtype=dtype, xla=not args.no_xla)
     if args.json:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path

@@ -12,6 +12,7 @@ weight: missing, unexpected, mismatched shapes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -83,7 +84,7 @@ def build_abstract(name: str, **kwargs) -> nnx.Module:
     return nnx.eval_shape(lambda: zoo.create_model(name, **kwargs))
 
 
-def _initialize_leftovers(model: nnx.Module, reinitialize: Iterable[str], seed: int) -> None:
+def _initialize_leftovers(model: nnx.Module, reinitialize: list[str], seed: int) -> None:
     """Give concrete values to what the file did not provide.
 
     Dense layers under `reinitialize` get Flax's default initialization (LeCun-normal
@@ -100,15 +101,15 @@ def _initialize_leftovers(model: nnx.Module, reinitialize: Iterable[str], seed: 
         layer.kernel.set_value(fresh.kernel.get_value())
         if layer.use_bias:
             layer.bias.set_value(fresh.bias.get_value())
-    graphdef, state = nnx.split(model)
-    counter = iter(range(1 << 30))
+    _, state = nnx.split(model)
+    streams = itertools.count(len(reinitialize))
 
     def concrete(leaf):
         if not isinstance(leaf, jax.ShapeDtypeStruct):
             return leaf
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.random.fold_in(key, 1_000_000 + next(counter))
-        return jnp.zeros(leaf.shape, leaf.dtype)
+            return jax.random.fold_in(key, next(streams))
+        return jnp.zeros(leaf.shape, leaf.dtype)  # counters of random streams
 
     nnx.update(model, jax.tree.map(concrete, state))
 

@@ -256,8 +256,8 @@ def torch_to_zoo(arch: str, state: Mapping[str, np.ndarray], head_paths: list[st
                 continue
             target = head_paths[int(target.split(":")[1])]
 
-        def take(name):
-            key = f"{module.prefix}.{name}"
+        def take(name, prefix=module.prefix):
+            key = f"{prefix}.{name}"
             if key in state:
                 claimed.add(key)
                 return np.asarray(state[key])
@@ -299,8 +299,7 @@ def _family_options(arch: str, family: str) -> dict:
                 f"{getattr(efficientnet, 'DOWNSAMPLE_PADDINGS', ())}); import Keras's EfficientNet "
                 f"weights instead (zoo import keras {arch} FILE)."
             )
-        return {"bn_epsilon": EFFICIENTNET_BN_EPSILON[arch], "downsample_padding": "symmetric",
-                "drop_connect_rate": 0.2}
+        return {"bn_epsilon": EFFICIENTNET_BN_EPSILON[arch], "downsample_padding": "symmetric"}
     return {}
 
 
