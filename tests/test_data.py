@@ -69,6 +69,7 @@ def test_not_prepared_says_how_to_prepare(tmp_path):
         data.load_arrays("mnist", "test", data_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_prepared_mnist_has_the_published_split():
     _mnist_or_skip()
     start = time.perf_counter()

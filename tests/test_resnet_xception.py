@@ -118,9 +118,7 @@ def fill_random(model, seed=0):
             shape = var.shape
             if attr == "kernel":
                 value = rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
-            elif attr == "var":
-                value = rng.uniform(0.5, 1.5, shape)
-            elif attr == "scale":
+            elif attr == "var" or attr == "scale":
                 value = rng.uniform(0.5, 1.5, shape)
             else:  # bias, mean
                 value = rng.normal(0, 0.1, shape)
@@ -138,8 +136,8 @@ def abstract(name, **options):
 
 
 def make_block(kind, in_ch, width, stride, **options):
-    defaults = dict(se_reduction=None, stride_in="3x3", conv_bias=False, bn_epsilon=1e-5,
-                    bn_momentum=0.9, dtype=jnp.float32)
+    defaults = {"se_reduction": None, "stride_in": "3x3", "conv_bias": False, "bn_epsilon": 1e-5,
+                    "bn_momentum": 0.9, "dtype": jnp.float32}
     block = nnx.eval_shape(lambda: ResidualBlock(kind, in_ch, width, stride, **{**defaults, **options},
                                                  rngs=nnx.Rngs(0)))
     fill_random(block)
@@ -223,8 +221,8 @@ def test_resnet18_forward_matches_numpy_on_64x64():
 
 def test_keras_style_bottleneck_resnet_matches_numpy():
     # Keras ResNet50's settings on a narrow, shallow bottleneck ResNet, odd input size.
-    options = dict(block="bottleneck", stage_depths=(1, 2, 1, 1), stage_widths=(4, 8, 8, 16), stem_width=8,
-                   stride_in="1x1", conv_bias=True, bn_epsilon=1.001e-5, se_reduction=8)
+    options = {"block": "bottleneck", "stage_depths": (1, 2, 1, 1), "stage_widths": (4, 8, 8, 16), "stem_width": 8,
+                   "stride_in": "1x1", "conv_bias": True, "bn_epsilon": 1.001e-5, "se_reduction": 8}
     model = fill_random(abstract("resnet50", num_classes=3, input_size=37, **options), seed=1)
     model.eval()
     x = np.random.default_rng(4).normal(size=(2, 37, 37, 3)).astype(np.float32)
@@ -232,8 +230,8 @@ def test_keras_style_bottleneck_resnet_matches_numpy():
     assert_close(run(model, x), want, tol=1e-3)
 
 
-SMALL_XCEPTION = dict(stem_widths=(4, 8), entry_widths=(8, 12, 16), middle_width=16, middle_depth=1,
-                      exit_widths=(16, 24), final_widths=(24, 32))
+SMALL_XCEPTION = {"stem_widths": (4, 8), "entry_widths": (8, 12, 16), "middle_width": 16, "middle_depth": 1,
+                      "exit_widths": (16, 24), "final_widths": (24, 32)}
 
 
 def np_sep_unit(x, unit):

@@ -21,8 +21,7 @@ from zoo.saving import save_model
 @pytest.fixture
 def shipped(tmp_path):
     """A LeNet-5 exported as tag "unit" into a temporary weights dir."""
-    model = pretrained.build_initialized(  # zoo.create_model, initialized in one quick compile
-        lambda: zoo.create_model("lenet5", num_classes=10, input_size=28, in_channels=1, input_padding=2, rngs=3))
+    model = zoo.create_model("lenet5", num_classes=10, input_size=28, in_channels=1, input_padding=2, rngs=3)
     saved = save_model(model, tmp_path / "saved", model_name="lenet5",
                        kwargs={"num_classes": 10, "input_size": [28, 28], "in_channels": 1, "input_padding": 2},
                        metadata={"dataset": "mnist", "test_accuracy": 0.1, "input_shape": [28, 28, 1],

@@ -228,7 +228,12 @@ def classifier_map(cells: np.ndarray) -> np.ndarray:
 
 def draw(result: Segmentation, path, *, title: str = "", truth: np.ndarray | None = None,
          max_side: int = 1400) -> Path:
-    """Write the overlay PNG: input | converted classifier score map | FCN-8s result, per-class maps, legend."""
+    """Write the overlay PNG: input | converted classifier's score map | FCN result [| truth], then one
+    small probability map per digit class (the classifier's) and a legend.
+
+    Wide images stack the big panels vertically, tall ones side by side. Images larger than
+    `max_side` are drawn subsampled (the labels are computed at full resolution).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,57 +242,75 @@ def draw(result: Segmentation, path, *, title: str = "", truth: np.ndarray | Non
 
     image, labels = result.image, result.labels
     height, width = image.shape
-    step = max(1, int(np.ceil(max(height, width) / max_side)))  # downsample huge images for display
+    step = max(1, int(np.ceil(max(height, width) / max_side)))
     shown_image, shown_labels = image[::step, ::step], labels[::step, ::step]
-    wide = width >= height
     panels = [("input", np.repeat(shown_image[..., None], 3, -1)),
-              (f"converted classifier: best class per {result.stride}x{result.stride} cell, brightness = "
-               f"its probability", classifier_map(result.classifier_probs)),
-              ("FCN-8s segmentation", colorize(shown_labels, shown_image))]
+              (f"converted classifier ({result.stride}x{result.stride} cells)", classifier_map(result.classifier_probs)),
+              ("FCN-8s", colorize(shown_labels, shown_image))]
     if truth is not None:
         panels.append(("ground truth", colorize(np.where(truth == sd.VOID, sd.BACKGROUND, truth)[::step, ::step],
                                                  shown_image)))
-    n = len(panels)
-    aspect = height / width
-    panel_w = 11.0 if wide else min(5.5, 11.0 / n)
-    panel_h = panel_w * aspect
-    fig_w = 11.0 if wide else panel_w * n
-    main_h = panel_h * n if wide else panel_h
-    strip_h = fig_w / 10 * aspect + 0.35
-    fig = plt.figure(figsize=(fig_w, main_h + strip_h + 1.2 + (0.4 if title else 0)))
-    grid = fig.add_gridspec(3, 1, height_ratios=[main_h, strip_h, 0.8], hspace=0.25)
-    main = grid[0].subgridspec(n, 1, hspace=0.18) if wide else grid[0].subgridspec(1, n, wspace=0.04)
+    n, aspect = len(panels), height / width
+    wide = aspect <= 1.0
+    gap, title_h, pad = 0.12, 0.28, 0.25           # inches
+    if wide:
+        panel_w = 10.0
+        panel_h = panel_w * aspect
+        fig_w = panel_w + 2 * pad
+        main_h = n * (panel_h + title_h + gap)
+    else:
+        panel_h = 7.0 if n * 7.0 / aspect <= 16 else 16 * aspect / n
+        panel_w = panel_h / aspect
+        fig_w = n * (panel_w + gap) + 2 * pad
+        main_h = panel_h + title_h + gap
+    small_w = (fig_w - 2 * pad - 9 * 0.06) / 10
+    small_h = small_w * aspect
+    strip_h = small_h + title_h + 0.1
+    legend_h, header_h = 0.55, (0.75 if title else 0.1)
+    fig_h = header_h + main_h + strip_h + legend_h + pad
+    fig = plt.figure(figsize=(fig_w, fig_h))
+
+    def axes(left, top, w, h):  # inches from the top-left corner -> figure fractions
+        ax = fig.add_axes([left / fig_w, 1 - (top + h) / fig_h, w / fig_w, h / fig_h])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return ax
+
+    top = header_h
     for k, (name, rgb) in enumerate(panels):
-        ax = fig.add_subplot(main[k, 0] if wide else main[0, k])
-        ax.imshow(rgb, interpolation="nearest", extent=(0, width, height, 0))
-        ax.set_title(name, fontsize=9, loc="left")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if name.startswith("FCN"):
+        if wide:
+            left, panel_top = pad, top + k * (panel_h + title_h + gap) + title_h
+        else:
+            left, panel_top = pad + k * (panel_w + gap), top + title_h
+        ax = axes(left, panel_top, panel_w, panel_h)
+        ax.imshow(rgb, interpolation="nearest", extent=(0, width, height, 0), aspect="auto")
+        ax.set_title(name, fontsize=9, loc="left", pad=3)
+        if name == "FCN-8s":
             for region in result.regions:
-                top, left, h, w = region.box
-                ax.text(left + w / 2, top - 2, str(region.label), color="white", fontsize=7, ha="center",
-                        va="bottom", fontweight="bold")
-    strip = grid[1].subgridspec(1, 10, wspace=0.05)
+                r_top, r_left, h, w = region.box
+                ax.text(r_left + w / 2, max(r_top - 1, 0), str(region.label), color="white", fontsize=7,
+                        ha="center", va="bottom", fontweight="bold", clip_on=True)
+    top += main_h
     for cls in range(10):
-        ax = fig.add_subplot(strip[0, cls])
+        ax = axes(pad + cls * (small_w + 0.06), top + title_h, small_w, small_h)
         ax.imshow(result.classifier_probs[..., cls], cmap="magma", vmin=0, vmax=1, interpolation="nearest",
-                  extent=(0, width, height, 0))
-        ax.set_title(f"P({cls})", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    legend_ax = fig.add_subplot(grid[2])
+                  extent=(0, width, height, 0), aspect="auto")
+        ax.set_title(f"classifier P({cls})", fontsize=7, pad=2, color=CLASS_COLORS[cls] * 0.8)
+    top += strip_h
+    legend_ax = axes(pad, top, fig_w - 2 * pad, legend_h)
     legend_ax.axis("off")
-    handles = [Patch(color=CLASS_COLORS[c], label=sd.CLASS_NAMES[c]) for c in range(10)]
-    handles.append(Patch(facecolor="black", edgecolor="gray", label="background"))
-    legend_ax.legend(handles=handles, ncol=11, loc="center", fontsize=8, frameon=False,
-                     title="classes (the small maps: the converted classifier's probability of each digit "
-                           "per cell)", title_fontsize=8)
+    handles = [Patch(color=CLASS_COLORS[c], label=f"digit {sd.CLASS_NAMES[c]}") for c in range(10)]
+    handles.append(Patch(facecolor="0.35", edgecolor="0.2", label="background"))
+    legend_ax.legend(handles=handles, ncol=6 if not wide and fig_w < 9 else 11, loc="center", fontsize=8,
+                     frameon=False, handlelength=1.2, columnspacing=1.0)
     if title:
-        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+        fig.text(pad / fig_w, 1 - 0.12 / fig_h, title, fontsize=10, va="top", ha="left", wrap=True)
+        fig.text(pad / fig_w, 1 - 0.42 / fig_h, "classifier panel: each cell's best digit, brighter = more probable; "
+                 "FCN-8s: each pixel's class, background left gray", fontsize=8, va="top", ha="left", color="0.3",
+                 wrap=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
+    fig.savefig(path, dpi=100, facecolor="white")
     plt.close(fig)
     return path
 

@@ -67,9 +67,10 @@ class AvgPool(nnx.Module):
         self.padding = padding
 
     def __call__(self, x):
-        return nnx.avg_pool(
-            x, self.window, strides=self.strides, padding=self.padding, count_include_pad=False
-        )
+        # VALID windows hold no padding, so counting it is the same and avoids XLA folding a
+        # per-window divisor constant at every compile (seconds on large images).
+        return nnx.avg_pool(x, self.window, strides=self.strides, padding=self.padding,
+                            count_include_pad=self.padding == "VALID")
 
 
 class Flatten(nnx.Module):

@@ -100,26 +100,11 @@ def load(model_name: str, tag: str, *, dtype=None, weights_dir: str | os.PathLik
     if isinstance(kwargs.get("input_size"), list):
         kwargs["input_size"] = tuple(kwargs["input_size"])
     kwargs.update(options)
-    model = build_initialized(lambda: create_model(model_name, dtype=dtype if dtype is not None else jnp.float32,
-                                                   **kwargs))
+    model = create_model(model_name, dtype=dtype if dtype is not None else jnp.float32, **kwargs)
     load_flat_into(model, read_weights(weights_path), source=str(weights_path))
     model.eval()
     return model
 
-
-def build_initialized(make):
-    """`make()` (a function building an NNX model), with all initializers in one quick compile.
-
-    Eagerly, every weight initializer compiles on its own (tens of seconds for LeNet-5 on a busy
-    CPU); here the structure comes from `nnx.eval_shape` (nothing runs) and the values from one
-    jitted call compiled without XLA's backend optimizations (it runs once). Same values as `make()`.
-    """
-    import jax
-    from flax import nnx
-
-    graphdef = nnx.split(nnx.eval_shape(make))[0]
-    state = jax.jit(lambda: nnx.state(make()), compiler_options={"xla_backend_optimization_level": 0})()
-    return nnx.merge(graphdef, state)
 
 
 def preprocess(images, preprocessing: dict[str, Any]):

@@ -45,7 +45,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head
@@ -105,10 +104,10 @@ class ResidualBlock(nnx.Module):
     def __init__(self, kind, in_ch, width, stride, *, se_reduction, stride_in,
                  conv_bias, bn_epsilon, bn_momentum, dtype, rngs):
         out_ch = width * EXPANSION[kind]
-        conv = dict(conv_bias=conv_bias, dtype=dtype, rngs=rngs)
-        bn = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=dtype, rngs=rngs)
-        shortcut = dict(conv_bias=conv_bias, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum,
-                        dtype=dtype, rngs=rngs)
+        conv = {"conv_bias": conv_bias, "dtype": dtype, "rngs": rngs}
+        bn = {"bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum, "dtype": dtype, "rngs": rngs}
+        shortcut = {"conv_bias": conv_bias, "bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum,
+                        "dtype": dtype, "rngs": rngs}
         self.kind = kind
         if kind == "basic":
             self.conv1 = _conv(in_ch, width, 3, stride, **conv)
@@ -165,7 +164,7 @@ class ResNetFeatures(nnx.Module):
 
     def __init__(self, *, in_ch, block, stage_depths, stage_widths, stem_width, se_reduction,
                  stride_in, conv_bias, bn_epsilon, bn_momentum, dtype, rngs):
-        settings = dict(conv_bias=conv_bias, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=dtype)
+        settings = {"conv_bias": conv_bias, "bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum, "dtype": dtype}
         self.stem = Stem(in_ch, stem_width, **settings, rngs=rngs)
         self.num_stages = len(stage_depths)
         channels = stem_width
@@ -264,18 +263,18 @@ def build_resnet(
 # 1x1/2 all give floor((h - 1) / 2) + 1), so a single pixel still yields a 1x1 map.
 MIN_SIZE = (1, 1)
 
-HE_2015 = dict(
-    paper="He et al., Deep Residual Learning for Image Recognition",
-    year=2015,
-    url="https://arxiv.org/abs/1512.03385",
-    introduced="identity skip connections: blocks learn residuals, so 100+ layer nets train",
-)
-HU_2017 = dict(
-    paper="Hu et al., Squeeze-and-Excitation Networks",
-    year=2017,
-    url="https://arxiv.org/abs/1709.01507",
-    introduced="squeeze-and-excitation: recalibrate feature-map channels by gates from their global means",
-)
+HE_2015 = {
+    "paper": "He et al., Deep Residual Learning for Image Recognition",
+    "year": 2015,
+    "url": "https://arxiv.org/abs/1512.03385",
+    "introduced": "identity skip connections: blocks learn residuals, so 100+ layer nets train",
+}
+HU_2017 = {
+    "paper": "Hu et al., Squeeze-and-Excitation Networks",
+    "year": 2017,
+    "url": "https://arxiv.org/abs/1709.01507",
+    "introduced": "squeeze-and-excitation: recalibrate feature-map channels by gates from their global means",
+}
 
 # name: (block, stage_depths, published trainable parameters at 224x224x3, 1000 classes)
 RESNETS = {

@@ -41,7 +41,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head
@@ -103,7 +102,7 @@ class XceptionBlock(nnx.Module):
 
     def __init__(self, in_ch, widths: Sequence[int], *, downsample, relu_first, bn_epsilon,
                  bn_momentum, dtype, rngs):
-        bn = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=dtype, rngs=rngs)
+        bn = {"bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum, "dtype": dtype, "rngs": rngs}
         units, ch = [], in_ch
         for j, width in enumerate(widths):
             units.append(SeparableUnit(ch, width, relu_first=relu_first or j > 0, **bn))
@@ -134,7 +133,7 @@ class Stem(nnx.Module):
     """
 
     def __init__(self, in_ch, widths, *, bn_epsilon, bn_momentum, dtype, rngs):
-        bn = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=dtype, rngs=rngs)
+        bn = {"bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum, "dtype": dtype, "rngs": rngs}
         self.conv1 = nnx.Conv(in_ch, widths[0], (3, 3), strides=2, padding="VALID", use_bias=False,
                               kernel_init=_conv_init, dtype=dtype, rngs=rngs)
         self.bn1 = _bn(widths[0], **bn)
@@ -175,7 +174,7 @@ class XceptionFeatures(nnx.Module):
 
     def __init__(self, *, in_ch, stem_widths, entry_widths, middle_width, middle_depth, exit_widths,
                  final_widths, bn_epsilon, bn_momentum, dtype, rngs):
-        bn = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, dtype=dtype, rngs=rngs)
+        bn = {"bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum, "dtype": dtype, "rngs": rngs}
         self.stem = Stem(in_ch, stem_widths, **bn)
         ch, entry = stem_widths[-1], []
         for i, width in enumerate(entry_widths):
