@@ -1,6 +1,6 @@
-"""Every shipped weight file, re-evaluated on the real test split.
+"""Every shipped classifier weight file, re-evaluated on the real test split.
 
-For each zoo/weights/<model>-<tag>.json the weights are loaded the way users load them
+For each zoo/weights/<model>-<tag>.json of format "fcnzoo-pretrained" the weights are loaded the way users load them
 (`zoo.create_model(NAME, pretrained=TAG)`, which checks the sha256), the recorded
 preprocessing is applied to the test split's uint8 images, and the measured accuracy must
 match the accuracy recorded at training time (up to float summation order: a couple of
@@ -22,7 +22,15 @@ import zoo
 from zoo import pretrained
 
 WEIGHTS_DIR = Path(pretrained.__file__).parent / "weights"
-SHIPPED = sorted(WEIGHTS_DIR.glob("*.json"))
+
+
+def _is_classifier_weights(meta_path: Path) -> bool:
+    # zoo/weights also holds segmentation FCNs ("fcnzoo-segmentation", tested with their own
+    # data by their owner); the classifiers' files are "fcnzoo-pretrained".
+    return json.loads(meta_path.read_text()).get("format") == pretrained.FORMAT
+
+
+SHIPPED = sorted(p for p in WEIGHTS_DIR.glob("*.json") if _is_classifier_weights(p))
 
 # The issue's targets (test accuracy) per (model, dataset); shipped weights must meet them.
 TARGETS = {
@@ -75,9 +83,18 @@ def test_shipped_weights_reach_their_recorded_test_accuracy(meta_path):
     recorded = round(meta["test_accuracy"] * len(labels))
     assert abs(correct - recorded) <= ALLOWED_FLIPS, (
         f"{meta_path.name}: {correct}/{len(labels)} correct now, {recorded} recorded")
+
+
+@pytest.mark.parametrize("meta_path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_weights_meet_the_issue_target(meta_path):
+    # The recorded accuracy is checked against a re-evaluation above; here against the goal.
+    meta = json.loads(meta_path.read_text())
     target = TARGETS.get((meta["model"], meta["dataset"]))
-    if target is not None:
-        assert correct / len(labels) >= target
+    if target is None:
+        pytest.skip(f"no target set for {meta['model']} on {meta['dataset']}")
+    assert meta["test_accuracy"] >= target, (
+        f"{meta_path.name} reaches {100 * meta['test_accuracy']:.2f}% test accuracy; the target is "
+        f"{100 * target:.2f}% (see docs/sections/train_results.md for the runs still to do)")
 
 
 def test_unknown_tag_lists_what_exists():

@@ -81,7 +81,7 @@ def head_dense_paths(model: nnx.Module) -> list[str]:
 
 def build_abstract(name: str, **kwargs) -> nnx.Module:
     """The registry model `name` with every array a ShapeDtypeStruct (nothing initialized)."""
-    return nnx.eval_shape(lambda: zoo.create_model(name, **kwargs))
+    return zoo.create_model(name, abstract=True, **kwargs)
 
 
 def _initialize_leftovers(model: nnx.Module, reinitialize: list[str], seed: int) -> None:
