@@ -264,7 +264,7 @@ class SegmentTrainConfig:
     warmup_fraction: float = 0.05
     seed: int = 0
 
-    def validate(self) -> "SegmentTrainConfig":
+    def validate(self) -> SegmentTrainConfig:
         for name in ("steps", "batch_size", "crop"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -465,7 +465,7 @@ def train_all(*, classifier_tag: str = CLASSIFIER_TAG, classifier_dir=None, data
                "config": dataclasses.asdict(config), "classifier": source, "rows": []}
 
     baseline = SegmentPredictor(sm.ConvertedClassifierScores(fcn, mean=mean, std=std), ladder=EVAL_LADDER)
-    threshold, grid = calibrate_threshold(baseline, train_scenes[:calibration_scenes])
+    threshold, _ = calibrate_threshold(baseline, train_scenes[:calibration_scenes])
     start = time.perf_counter()
     row = evaluate(lambda image: classifier_labels(baseline.predict(image / 255.0), threshold), test)
     row.update(model="converted classifier", threshold=threshold, train_seconds=0.0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def cmd_segment(args) -> int:
@@ -89,5 +88,3 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_segment_train)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `zoo segment` / `zoo segment-train`")

@@ -104,8 +104,7 @@ def render_scene(height: int, width: int, digits: np.ndarray, classes: np.ndarra
     for _ in range(num_digits):
         index = int(rng.integers(len(digits)))
         size = int(round(28 * rng.uniform(*scale_range)))
-        if size > min(height, width):
-            size = min(height, width)
+        size = min(size, min(height, width))
         for _try in range(50):
             top = int(rng.integers(0, height - size + 1))
             left = int(rng.integers(0, width - size + 1))

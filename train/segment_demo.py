@@ -29,6 +29,7 @@ CLASS_COLORS = np.array([
     [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.74, 0.74, 0.13], [0.09, 0.75, 0.81], [1.00, 0.90, 0.35],
     [0.00, 0.00, 0.00]], np.float32)
 MIN_REGION_PIXELS = 30   # smaller connected regions are not reported as digits
+DISPLAY_NAMES = {"fcn8s": "FCN-8s", "fcn16s": "FCN-16s", "fcn32s": "FCN-32s"}
 
 
 def read_image(path, *, invert: bool | None = None) -> tuple[np.ndarray, dict]:
@@ -96,7 +97,7 @@ def find_regions(labels: np.ndarray, probabilities: np.ndarray) -> list[Region]:
 
     foreground = labels != sd.BACKGROUND
     # Strokes of one digit can break apart at the ink threshold: join pixels 2 apart.
-    components, count = ndimage.label(ndimage.binary_dilation(foreground, iterations=2))
+    components, _ = ndimage.label(ndimage.binary_dilation(foreground, iterations=2))
     regions = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         mask = (components[box] == index) & foreground[box]
@@ -128,6 +129,7 @@ class Segmentation:
     compile_seconds: float
     compilations: int
     stride: int
+    name: str = "FCN-8s"           # the network that made `labels`
 
 
 class Segmenter:
@@ -146,8 +148,8 @@ class Segmenter:
         self.classifier = self._classifier(sm)
 
     def _classifier(self, sm):
-        from convert.fcn import to_fcn
         import zoo
+        from convert.fcn import to_fcn
         from zoo import pretrained
 
         source = self.meta.get("classifier", {})
@@ -188,7 +190,7 @@ class Segmenter:
         return Segmentation(image, labels, probabilities, cells,
                             seg.classifier_labels(classifier_scores, self.threshold),
                             find_regions(labels, probabilities), seconds - compile_seconds, compile_seconds,
-                            self.compilations, stride)
+                            self.compilations, stride, DISPLAY_NAMES[self.model.variant])
 
 
 def _fcn_as_classifier_scores(model):
@@ -246,7 +248,7 @@ def draw(result: Segmentation, path, *, title: str = "", truth: np.ndarray | Non
     shown_image, shown_labels = image[::step, ::step], labels[::step, ::step]
     panels = [("input", np.repeat(shown_image[..., None], 3, -1)),
               (f"converted classifier ({result.stride}x{result.stride} cells)", classifier_map(result.classifier_probs)),
-              ("FCN-8s", colorize(shown_labels, shown_image))]
+              (result.name, colorize(shown_labels, shown_image))]
     if truth is not None:
         panels.append(("ground truth", colorize(np.where(truth == sd.VOID, sd.BACKGROUND, truth)[::step, ::step],
                                                  shown_image)))
@@ -285,9 +287,9 @@ def draw(result: Segmentation, path, *, title: str = "", truth: np.ndarray | Non
         ax = axes(left, panel_top, panel_w, panel_h)
         ax.imshow(rgb, interpolation="nearest", extent=(0, width, height, 0), aspect="auto")
         ax.set_title(name, fontsize=9, loc="left", pad=3)
-        if name == "FCN-8s":
+        if name == result.name:
             for region in result.regions:
-                r_top, r_left, h, w = region.box
+                r_top, r_left, _, w = region.box
                 ax.text(r_left + w / 2, max(r_top - 1, 0), str(region.label), color="white", fontsize=7,
                         ha="center", va="bottom", fontweight="bold", clip_on=True)
     top += main_h
@@ -306,7 +308,7 @@ def draw(result: Segmentation, path, *, title: str = "", truth: np.ndarray | Non
     if title:
         fig.text(pad / fig_w, 1 - 0.12 / fig_h, title, fontsize=10, va="top", ha="left", wrap=True)
         fig.text(pad / fig_w, 1 - 0.42 / fig_h, "classifier panel: each cell's best digit, brighter = more probable; "
-                 "FCN-8s: each pixel's class, background left gray", fontsize=8, va="top", ha="left", color="0.3",
+                 f"{result.name}: each pixel's class, background left gray", fontsize=8, va="top", ha="left", color="0.3",
                  wrap=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,10 +353,10 @@ def run(*, image_path=None, scene_size=None, seed: int = 0, out=None, invert: bo
         fcn_scores = seg.scores_from(seg.confusion(truth, result.labels))
         base_scores = seg.scores_from(seg.confusion(truth, result.classifier_labels))
         report["truth_digits"] = sorted(d["label"] for d in scene.digits)
-        report["fcn_mean_iou"] = round(fcn_scores["mean_iou"], 4)
+        report["fcn_mean_iou"] = round(fcn_scores["mean_iou"], 4)  # the chosen variant's
         report["fcn_pixel_accuracy"] = round(fcn_scores["pixel_accuracy"], 4)
         report["classifier_mean_iou"] = round(base_scores["mean_iou"], 4)
-    title = (f"{name}: {len(result.regions)} digit region(s) found by {variant.upper().replace('S', 's')}"
+    title = (f"{name}: {len(result.regions)} digit region(s) found by {result.name}"
              + (f"; mean IU {report['fcn_mean_iou']:.3f} vs converted classifier "
                 f"{report['classifier_mean_iou']:.3f}" if truth is not None else ""))
     draw(result, out, title=title, truth=truth)
@@ -370,7 +372,7 @@ def run(*, image_path=None, scene_size=None, seed: int = 0, out=None, invert: bo
     if len(result.regions) > 40:
         say(f"  ... and {len(result.regions) - 40} more")
     if truth is not None:
-        say(f"ground truth: {len(scene.digits)} digits; FCN-8s mean IU {report['fcn_mean_iou']:.3f}, "
+        say(f"ground truth: {len(scene.digits)} digits; {result.name} mean IU {report['fcn_mean_iou']:.3f}, "
             f"pixel accuracy {report['fcn_pixel_accuracy']:.3f}; converted classifier mean IU "
             f"{report['classifier_mean_iou']:.3f}")
     say(f"time per image: {result.seconds:.3f} s (both networks, compilation excluded); "

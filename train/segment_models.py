@@ -28,6 +28,7 @@ alignment needs. Inside the image the scores are exactly the converted classifie
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -129,7 +130,7 @@ class SegmentationFCN(nnx.Module):
                      bias_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
             for _, c in finer])
         strides = [self.total_stride, *self.skip_strides]
-        self.upsample = nnx.List([TransposedConv(num_classes, a // b) for a, b in zip(strides, strides[1:])])
+        self.upsample = nnx.List([TransposedConv(num_classes, a // b) for a, b in itertools.pairwise(strides)])
         self.final_factor = strides[-1]
         self.final_upsample = TransposedConv(num_classes, strides[-1]) if strides[-1] > 1 else None
 

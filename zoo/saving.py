@@ -31,8 +31,18 @@ WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "model.json"
 
 
+# Files written before keys were cleaned ended each key with the Variable's ".value" attribute.
+_LEGACY_SUFFIX = "..value"
+
+
 def _path_key(path) -> str:
-    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    """Dotted module-tree path of a state leaf, e.g. "features.stage1.0.conv1.kernel".
+
+    Only dict keys and list indices count; the `.value` attribute entry that flax adds
+    to Variable paths is left out.
+    """
+    return ".".join(str(p.key) if hasattr(p, "key") else str(p.idx)
+                    for p in path if hasattr(p, "key") or hasattr(p, "idx"))
 
 
 def flat_state(model: nnx.Module, filter=(nnx.Param, nnx.BatchStat)) -> dict[str, np.ndarray]:
@@ -144,9 +154,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated headers/data
         raise ValueError(f"cannot read weights from {path}: {e}. The file is truncated or not safetensors.") from None
+    return {k.removesuffix(_LEGACY_SUFFIX): v for k, v in weights.items()}
 
 
 def load_model(directory: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
