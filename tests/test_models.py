@@ -2,11 +2,13 @@
 
 The counts below are copied from the papers / reference implementations (Keras
 Applications, torchvision, the SENet and EfficientNet papers), not from our code.
-Big variants are checked abstractly with `nnx.eval_shape`; forward/backward
-passes run on the smallest input each model accepts.
+Every variant is checked abstractly (`create_model(abstract=True)`); forward/backward
+passes run on the smallest variant of each family, on a small input.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import pytest
 from flax import nnx
 
 import zoo
+from model_sets import smallest_of_each_family
 from zoo.classifier import Classifier, Head
 from zoo.layers import Activation
 
@@ -54,8 +57,15 @@ PUBLISHED_PARAMS = {
 ALL_MODELS = zoo.list_models()
 
 
+@functools.cache
+def _abstract_model(name, frozen_kwargs):
+    return zoo.create_model(name, abstract=True, **dict(frozen_kwargs))
+
+
 def abstract_model(name, **kwargs):
-    return zoo.create_model(name, abstract=True, **kwargs)
+    """The model with shape-only leaves, built once per (name, kwargs) for the whole module."""
+    return _abstract_model(name, tuple(sorted(kwargs.items())))
+
 
 
 def test_every_published_model_is_registered():
@@ -95,12 +105,10 @@ def test_spec_matches_model(name):
     assert small[1] >= 1 and small[2] >= 1
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", smallest_of_each_family())
 def test_forward_backward_reaches_every_parameter(name):
     spec = zoo.get_spec(name)
-    h, w = spec.min_size
-    if zoo.count_params(abstract_model(name, num_classes=7, input_size=(h, w))) > 30_000_000:
-        pytest.skip("too big for a CPU backward pass; counted abstractly above, smaller variants run here")
+    h, w = max(spec.min_size[0], 32), max(spec.min_size[1], 32)
     model = zoo.create_model(name, num_classes=7, input_size=(h, w), rngs=0)
     x = jax.random.normal(jax.random.key(1), (2, h, w, spec.input_shape[2]))
 
@@ -108,7 +116,7 @@ def test_forward_backward_reaches_every_parameter(name):
         logits = model(x)
         return jnp.mean(logits**2), logits
 
-    grads, logits = nnx.grad(loss_fn, has_aux=True)(model)
+    grads, logits = nnx.jit(nnx.grad(loss_fn, has_aux=True))(model)
     assert logits.shape == (2, 7)
     assert bool(jnp.all(jnp.isfinite(logits)))
     flat = jax.tree.leaves_with_path(nnx.state(grads, nnx.Param))
@@ -116,7 +124,8 @@ def test_forward_backward_reaches_every_parameter(name):
     assert not dead, f"parameters with zero gradient: {dead[:10]}"
     # Eval mode runs too, and deterministically.
     model.eval()
-    a, b = model(x), model(x)
+    forward = nnx.jit(lambda model: model(x))
+    a, b = forward(model), forward(model)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -155,7 +164,7 @@ def test_unknown_model_lists_closest_names():
 
 def test_bfloat16_computation_keeps_float32_parameters():
     model = zoo.create_model("resnet18", num_classes=3, input_size=32, dtype=jnp.bfloat16)
-    out = model(jnp.ones((1, 32, 32, 3)))
+    out = nnx.jit(lambda model, x: model(x))(model, jnp.ones((1, 32, 32, 3)))
     assert out.dtype == jnp.bfloat16
     assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
 

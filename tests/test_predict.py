@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
-import convert
 import zoo
 from convert import DensePredictor, to_fcn
 from convert.predict import bucket_ladder

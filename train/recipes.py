@@ -1,7 +1,7 @@
 """Training recipes: the configs that produce fcnzoo's results and shipped weights.
 
 One function per recipe, big_vision style: its docstring says the command that runs it, the
-result it gave and how long it took on the machine named in docs/sections/train_results.md
+result it gave and how long it took on the machine named in docs/BENCHMARKS.md (training results)
 (a 2-core CPU, shared). Each returns a `train.config.TrainConfig` for `train.loop.train`.
 
     python scripts/train_recipes.py list
@@ -29,7 +29,7 @@ def mnistnet_mnist(seed: int = 0) -> TrainConfig:
     """MnistNet (zoo/mnistnet.py) on MNIST: exercise 9's best from-scratch CNN.
 
     Command: python scripts/train_recipes.py run mnistnet_mnist --seed 0 --ship
-    Result and time: docs/sections/train_results.md.
+    Result and time: docs/BENCHMARKS.md (training results).
     AdamW + one-cycle, label smoothing 0.1, EMA of the weights (decay 0.998), affine augmentation.
     No dropout: augmentation is the regularizer this 64k-parameter model needs.
     """
@@ -44,7 +44,7 @@ def lenet5_mnist(seed: int = 0) -> TrainConfig:
     """LeNet-5 (zoo/lenet.py) on MNIST, 28x28 padded by 2 to the paper's 32x32, ReLU + max-pool.
 
     Command: python scripts/train_recipes.py run lenet5_mnist --seed 0 --ship
-    Result and time: docs/sections/train_results.md.
+    Result and time: docs/BENCHMARKS.md (training results).
     """
     return TrainConfig(
         model="lenet5", dataset="mnist", model_kwargs={"activation": "relu", "pooling": "max", "input_padding": 2},
@@ -58,7 +58,7 @@ def mnistnet_fashion_mnist(seed: int = 0) -> TrainConfig:
     """MnistNet on Fashion-MNIST: horizontal structure matters there, so only small shifts and zooms.
 
     Command: python scripts/train_recipes.py run mnistnet_fashion_mnist --seed 0 --ship
-    Result and time: not run yet (see docs/sections/train_results.md).
+    Result and time: not run yet (see docs/BENCHMARKS.md (training results)).
     """
     return TrainConfig(
         model="mnistnet", dataset="fashion_mnist", model_kwargs={"dropout": 0.0}, epochs=10, batch_size=128, optimizer="adamw",
@@ -73,7 +73,7 @@ def fast_mnist(seed: int = 0) -> TrainConfig:
 
     Command: python scripts/train_recipes.py time-to-99
     Wall time counts everything: process start, data loading, compilation, training, evaluation.
-    Result and time: docs/sections/train_results.md.
+    Result and time: docs/BENCHMARKS.md (training results).
     """
     return TrainConfig(
         model="mnistnet", dataset="mnist",
@@ -110,7 +110,7 @@ def get_recipe(name: str, seed: int = 0) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # A minimal jitted loop, a stopgap for models with BatchNorm or Dropout (see the report in
-# docs/sections/train_results.md): the same data, schedule, optimizer, augmentation,
+# docs/BENCHMARKS.md (training results)): the same data, schedule, optimizer, augmentation,
 # preprocessing and EMA as train.loop, without checkpoints or the out-of-memory switches.
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head

@@ -11,7 +11,6 @@ dtype=..., rngs=..., **options)`, which returns a `zoo.classifier.Classifier`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 from collections.abc import Callable
@@ -21,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax._src import core as jax_core  # trace_state_clean: no public equivalent
+
+from zoo.classifier import cheap_tracer_error_messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,30 +100,9 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-@contextlib.contextmanager
-def _cheap_tracer_error_messages():
-    """Make tracing large models under `nnx.eval_shape` linear-time again.
-
-    With flax 0.12.8 / jax 0.10.2, every RNG draw while tracing probes a tracer's
-    `sharding`, which raises an AttributeError whose message JAX builds by scanning
-    the whole trace so far (`_origin_msg`): quadratic in model size (resnet152:
-    25 s instead of 4.6 s). flax catches and discards that message, so we skip
-    building it for the duration of the trace.
-    """
-    from jax._src.interpreters import partial_eval
-
-    tracer = partial_eval.DynamicJaxprTracer
-    original = tracer._origin_msg
-    tracer._origin_msg = lambda self: ""
-    try:
-        yield
-    finally:
-        tracer._origin_msg = original
-
-
 def eval_shape(fn, *args, **kwargs):
     """`nnx.eval_shape`, fast on big models: builds `fn(*args)` with abstract arrays only."""
-    with _cheap_tracer_error_messages():
+    with cheap_tracer_error_messages():
         return nnx.eval_shape(fn, *args, **kwargs)
 
 
