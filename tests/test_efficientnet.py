@@ -9,8 +9,6 @@ same weights when Keras is importable with the JAX backend.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -201,76 +199,4 @@ def test_bad_options_are_clear_value_errors(options, match):
         zoo.create_model("efficientnet_b0", **options)
 
 
-def _keras_or_skip():
-    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "jax":
-        pytest.skip("keras is already imported with a non-JAX backend")
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("keras runs a non-JAX backend here")
-    return keras
-
-
-def _copy_keras_weights(keras_model, model):
-    """Keras EfficientNet weights -> ours, by the naming contract in the module docstring."""
-    names = [layer.name for layer in keras_model.layers]
-    prefixes = [n[: -len("_project_conv")] for n in names if n.endswith("_project_conv")]
-    assert len(prefixes) == len(model.features.blocks)
-    get = lambda name: [np.asarray(w) for w in keras_model.get_layer(name).get_weights()]  # noqa: E731
-
-    def conv(module, name):
-        kernel = get(name)[0]
-        module.kernel[...] = jnp.asarray(kernel.reshape(module.kernel.shape))
-
-    def bn(module, name):
-        for variable, value in zip((module.scale, module.bias, module.mean, module.var), get(name)):
-            variable[...] = jnp.asarray(value)
-
-    def dense(module, name):
-        kernel, bias = get(name)
-        module.kernel[...] = jnp.asarray(kernel.reshape(module.kernel.shape))
-        module.bias[...] = jnp.asarray(bias)
-
-    f = model.features
-    conv(f.stem.conv.conv, "stem_conv")
-    bn(f.stem.bn, "stem_bn")
-    for block, p in zip(f.blocks, prefixes):
-        if block.expand_conv is not None:
-            conv(block.expand_conv, f"{p}_expand_conv")
-            bn(block.expand_bn, f"{p}_expand_bn")
-        depthwise = block.depthwise_conv
-        conv(depthwise.conv if isinstance(depthwise, E.DownsampleConv) else depthwise, f"{p}_dwconv")
-        bn(block.depthwise_bn, f"{p}_bn")
-        dense(block.se.reduce, f"{p}_se_reduce")
-        dense(block.se.expand, f"{p}_se_expand")
-        conv(block.project_conv, f"{p}_project_conv")
-        bn(block.project_bn, f"{p}_project_bn")
-    conv(f.top_conv, "top_conv")
-    bn(f.top_bn, "top_bn")
-    dense(model.head.layers[-1], "predictions")
-
-
-def test_b0_reproduces_keras_with_its_weights():
-    """Keras's EfficientNetB0 and ours, same weights (random BN statistics too), same logits."""
-    keras = _keras_or_skip()
-    size, classes = 64, 10
-    keras_model = keras.applications.EfficientNetB0(
-        weights=None, input_shape=(size, size, 3), classes=classes, classifier_activation=None)
-    rng = np.random.default_rng(0)
-    mean, variance = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]) ** 2
-    norm_layer = keras_model.get_layer("normalization")
-    norm_layer.set_weights([mean, variance, *norm_layer.get_weights()[2:]])
-    norm_layer.finalize_state()  # Keras's Normalization reads its statistics only from here
-    for layer in keras_model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.get_weights()[0].shape
-            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.1, shape),
-                               rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape)])
-    model = zoo.create_model("efficientnet_b0", num_classes=classes, input_size=size,
-                             input_normalization=(1 / 255, mean, variance), rngs=0)
-    assert zoo.count_params(model) == sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights)
-    _copy_keras_weights(keras_model, model)
-    model.eval()
-    x = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
-    expected = np.asarray(keras_model(x, training=False))
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), expected, rtol=1e-4, atol=1e-4)
+# Side by side with Keras's EfficientNetB0 (same weights, logits to 1e-4): tests/test_import_keras.py.
