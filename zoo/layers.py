@@ -40,31 +40,30 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-class MaxPool(nnx.Module):
+class _Pool(nnx.Module):
+    """Settings shared by the pooling layers: `window`, `strides` (default: the window), `padding`."""
+
+    def __init__(self, window=2, strides=None, padding: str = "VALID"):
+        self.window = _pair(window)
+        self.strides = _pair(strides if strides is not None else window)
+        self.padding = padding
+
+
+class MaxPool(_Pool):
     """Max pooling over `window` with `strides` and `padding` ('VALID' or 'SAME').
 
     x: (N, H, W, C) -> (N, H', W', C)
     """
 
-    def __init__(self, window=2, strides=None, padding: str = "VALID"):
-        self.window = _pair(window)
-        self.strides = _pair(strides if strides is not None else window)
-        self.padding = padding
-
     def __call__(self, x):
         return nnx.max_pool(x, self.window, strides=self.strides, padding=self.padding)
 
 
-class AvgPool(nnx.Module):
+class AvgPool(_Pool):
     """Average pooling; with SAME padding the border windows average real pixels only.
 
     x: (N, H, W, C) -> (N, H', W', C)
     """
-
-    def __init__(self, window=2, strides=None, padding: str = "VALID"):
-        self.window = _pair(window)
-        self.strides = _pair(strides if strides is not None else window)
-        self.padding = padding
 
     def __call__(self, x):
         # VALID windows hold no padding, so counting it is the same and avoids XLA folding a
