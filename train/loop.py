@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from train import augment, cpu_conv, parallel
+from train import augment, parallel
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from zoo.pretrained import preprocess
@@ -89,10 +89,7 @@ def build_model(config: TrainConfig, image_shape, num_classes: int, *, dtype=Non
         kwargs["input_size"] = tuple(kwargs["input_size"])
     dtype = dtype if dtype is not None else jnp.dtype(config.dtype)
     # An int seed lets create_model run every initializer in one quick compile.
-    model = zoo.create_model(config.model, dtype=dtype, rngs=config.seed, **kwargs)
-    if jax.default_backend() == "cpu":  # XLA:CPU's own kernel gradients are slow (see train.cpu_conv)
-        cpu_conv.use_matmul_gradients(model)
-    return model
+    return zoo.create_model(config.model, dtype=dtype, rngs=config.seed, **kwargs)
 
 
 # XLA's backend optimizations take most of a CPU compile and buy nothing for code that runs once.

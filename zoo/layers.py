@@ -58,8 +58,10 @@ class MaxPool(_Pool):
 
     def __call__(self, x):
         if jax.default_backend() == "cpu":
-            pads = jax.lax.padtype_to_pads(x.shape[1:3], self.window, self.strides, self.padding)
-            return _max_pool(x, self.window, self.strides, tuple(map(tuple, pads)))
+            pads = self.padding
+            if isinstance(pads, str):
+                pads = jax.lax.padtype_to_pads(x.shape[1:3], self.window, self.strides, pads)
+            return _max_pool(x, self.window, self.strides, tuple((int(lo), int(hi)) for lo, hi in pads))
         return nnx.max_pool(x, self.window, strides=self.strides, padding=self.padding)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 
+from zoo import cpu_conv
 from zoo.classifier import cheap_tracer_error_messages
 
 
@@ -167,9 +168,11 @@ def create_model(
     merged = {**spec.options, **options}
 
     def build(rngs):
-        return spec.builder(
+        model = spec.builder(
             num_classes=num_classes if num_classes is not None else spec.num_classes,
             input_shape=(h, w, c), include_top=include_top, dtype=dtype, rngs=rngs, name=name, **merged)
+        cpu_conv.use_cpu_conv(model)  # the same numbers, faster on XLA:CPU (see zoo/cpu_conv.py)
+        return model
 
     if abstract:  # values are irrelevant, so a fresh seed avoids tracing the caller's Rngs
         return eval_shape(lambda: build(nnx.Rngs(0)))
