@@ -4,6 +4,8 @@ Reference: `lax.conv_general_dilated` and `nnx.max_pool` (reduce-window, whose g
 XLA's select-and-scatter), differentiated by JAX, on the same inputs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,19 @@ def test_conv_matches_xla(size, cin, cout, kernel, stride, padding):
     np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-4)
     for ours, ref in zip(grads, ref_grads):
         assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("size, channels, kernel, stride", [(9, 6, 3, 1), (9, 6, 3, 2), (10, 4, 5, 2)])
+def test_depthwise_conv_matches_xla(size, channels, kernel, stride):
+    kx, kw = jax.random.split(jax.random.key(size + kernel))
+    x = jax.random.normal(kx, (2, size, size, channels))
+    w = jax.random.normal(kw, (kernel, kernel, 1, channels))
+    results = []
+    for conv in (lax.conv_general_dilated, cpu_conv.conv_general_dilated):
+        grouped = functools.partial(conv, feature_group_count=channels)
+        results.append(value_and_grads(grouped, x, w, (stride, stride), "SAME"))
+    for ours, ref in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
