@@ -23,12 +23,35 @@ float rounding (tests/test_cpu_conv.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+_ENABLED = [True]
+
+
+def enabled() -> bool:
+    """Whether the CPU fast paths apply to what is traced now (see `xla_ops_only`)."""
+    return _ENABLED[0] and jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def xla_ops_only():
+    """Within this block, trace convolutions and max-pooling with XLA's own operations.
+
+    The reference side of scripts/bench_cpu_conv.py and of the tests; it acts at trace time,
+    so use it around the first call of a freshly jitted function.
+    """
+    _ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = True
+
 
 # Up to this many (taps x input channels), gather all taps into one matrix (im2col):
 # one big product beats many thin ones, and the patches are small.
@@ -38,7 +61,7 @@ IM2COL_MAX_DEPTH = 64
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`lax.conv_general_dilated`, as matrix products on CPU where they are faster (module docstring)."""
-    plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and all(v is None for v in kwargs.values())
+    plain = (enabled() and lhs.ndim == 4 and all(v is None for v in kwargs.values())
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and _is_nhwc(dimension_numbers, lhs.ndim))
     depthwise = feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1

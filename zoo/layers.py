@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo import cpu_conv
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -57,7 +59,7 @@ class MaxPool(_Pool):
     """
 
     def __call__(self, x):
-        if jax.default_backend() == "cpu":
+        if cpu_conv.enabled():
             pads = self.padding
             if isinstance(pads, str):
                 pads = jax.lax.padtype_to_pads(x.shape[1:3], self.window, self.strides, pads)
