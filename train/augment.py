@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 
-def random_affine(keys, images, *, max_shift: float, max_rotate_degrees: float, max_scale: float):
-    """Warp each image by a random rotation, zoom and shift about its centre.
+def random_affine(keys, images, *, max_shift: float, max_rotate_degrees: float, max_scale: float,
+                  horizontal_flip: bool = False):
+    """Warp each image by a random rotation, zoom and shift about its centre (and mirror it).
 
     Args:
         keys: (N,) PRNG keys, one per image.
@@ -24,15 +25,17 @@ def random_affine(keys, images, *, max_shift: float, max_rotate_degrees: float, 
         max_shift: shift drawn uniformly in [-max_shift, max_shift] pixels, per axis.
         max_rotate_degrees: rotation drawn uniformly in [-max, max] degrees.
         max_scale: zoom factor drawn uniformly in [1 - max_scale, 1 + max_scale].
+        horizontal_flip: also mirror left-right with probability 1/2 (clothes, not digits).
     Returns:
         (N, H, W, C), same dtype; pixels from outside the image are 0.
     """
-    if max_shift == 0 and max_rotate_degrees == 0 and max_scale == 0:
+    if max_shift == 0 and max_rotate_degrees == 0 and max_scale == 0 and not horizontal_flip:
         return images
-    return jax.vmap(lambda k, x: _warp_one(k, x, max_shift, max_rotate_degrees, max_scale))(keys, images)
+    return jax.vmap(lambda k, x: _warp_one(k, x, max_shift, max_rotate_degrees, max_scale, horizontal_flip))(
+        keys, images)
 
 
-def _warp_one(key, image, max_shift, max_rotate_degrees, max_scale):
+def _warp_one(key, image, max_shift, max_rotate_degrees, max_scale, horizontal_flip):
     h, w, c = image.shape
     k_angle, k_scale, k_shift = jax.random.split(key, 3)
     angle = jnp.deg2rad(max_rotate_degrees) * jax.random.uniform(k_angle, (), minval=-1.0, maxval=1.0)
@@ -47,6 +50,8 @@ def _warp_one(key, image, max_shift, max_rotate_degrees, max_scale):
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     src_y = centre[0] + (cos * dy - sin * dx) / scale
     src_x = centre[1] + (sin * dy + cos * dx) / scale
+    if horizontal_flip:  # its own key (folded in), so the other draws match a run without flips
+        src_x = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 1)), (w - 1) - src_x, src_x)
     sample = lambda channel: jax.scipy.ndimage.map_coordinates(  # noqa: E731
         channel, [src_y, src_x], order=1, mode="constant", cval=0.0)
     warped = jax.vmap(sample, in_axes=2, out_axes=2)(image.astype(jnp.float32))

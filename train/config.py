@@ -46,7 +46,8 @@ class TrainConfig:
         grad_clip_norm: None or a global-norm clip.
     Augmentation (on the device, per example, a pure function of (seed, step, example)):
         augment_shift: max shift in pixels; augment_rotate: max rotation in degrees;
-        augment_scale: max relative zoom (0.1 = 0.9x..1.1x).
+        augment_scale: max relative zoom (0.1 = 0.9x..1.1x); augment_flip: mirror left-right
+            with probability 1/2 (Fashion-MNIST; never for digits).
     Out-of-memory playbook:
         dtype: "float32" or "bfloat16" (computation in bf16, parameters and optimizer in fp32);
         remat: recompute the activations of each backbone block in the backward pass;
@@ -86,6 +87,7 @@ class TrainConfig:
     augment_shift: float = 0.0
     augment_rotate: float = 0.0
     augment_scale: float = 0.0
+    augment_flip: bool = False
 
     dtype: str = "float32"
     remat: bool = False

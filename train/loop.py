@@ -211,7 +211,8 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         if keys is not None:  # augment in [0, 255] so the background stays exactly 0
             images_uint8 = augment.random_affine(
                 keys, images_uint8.astype(jnp.float32), max_shift=config.augment_shift,
-                max_rotate_degrees=config.augment_rotate, max_scale=config.augment_scale)
+                max_rotate_degrees=config.augment_rotate, max_scale=config.augment_scale,
+                horizontal_flip=config.augment_flip)
         return preprocess(images_uint8, preprocessing).astype(compute_dtype)
 
     def loss_fn(params, other, x, y, dropout_key):
@@ -235,7 +236,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         start = (step % steps_per_epoch) * batch
         idx = jax.lax.dynamic_slice_in_dim(order, start, batch)
         keys = jax.random.split(jax.random.fold_in(step_key, 0), batch)  # one per example
-        x = shard_batch(prepare_batch(images[idx], keys if _augments(config) else None))
+        x = shard_batch(prepare_batch(images[idx], keys if augments(config) else None))
         y = shard_batch(labels[idx])
         dropout_root = jax.random.fold_in(step_key, 1)
 
@@ -285,8 +286,9 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
                      permutation=jax.jit(permutation, compiler_options=FAST_COMPILE))
 
 
-def _augments(config: TrainConfig) -> bool:
-    return bool(config.augment_shift or config.augment_rotate or config.augment_scale)
+def augments(config: TrainConfig) -> bool:
+    """Whether `config` asks for any augmentation."""
+    return bool(config.augment_shift or config.augment_rotate or config.augment_scale or config.augment_flip)
 
 
 # ---------------------------------------------------------------------------------------------

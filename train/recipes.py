@@ -55,7 +55,7 @@ def lenet5_mnist(seed: int = 0) -> TrainConfig:
 
 
 def mnistnet_fashion_mnist(seed: int = 0) -> TrainConfig:
-    """MnistNet on Fashion-MNIST: horizontal structure matters there, so only small shifts and zooms.
+    """MnistNet on Fashion-MNIST: clothes are left-right symmetric (flips) but upright (no rotation).
 
     Command: python scripts/train_recipes.py run mnistnet_fashion_mnist --seed 0 --ship
     Result and time: not run yet (see docs/BENCHMARKS.md (training results)).
@@ -64,7 +64,7 @@ def mnistnet_fashion_mnist(seed: int = 0) -> TrainConfig:
         model="mnistnet", dataset="fashion_mnist", model_kwargs={"dropout": 0.0}, epochs=15, batch_size=128, optimizer="adamw",
         learning_rate=3e-3, schedule="onecycle", warmup_epochs=3.0, weight_decay=5e-2,
         label_smoothing=0.1, ema_decay=0.999, seed=seed,
-        augment_shift=2.0, augment_rotate=0.0, augment_scale=0.05,
+        augment_shift=2.0, augment_rotate=0.0, augment_scale=0.05, augment_flip=True,
     )
 
 
@@ -130,7 +130,7 @@ def train_minimal(config: TrainConfig):
     from flax import nnx
 
     from train import augment, data
-    from train.loop import build_model, make_optimizer, make_schedule
+    from train.loop import augments as uses_augmentation, build_model, make_optimizer, make_schedule
     from zoo.pretrained import preprocess
 
     config.validate()
@@ -156,7 +156,7 @@ def train_minimal(config: TrainConfig):
     weights_filter = (nnx.Param, nnx.BatchStat)
     ema = jax.tree.map(jnp.copy, nnx.state(model, weights_filter))
     use_ema = config.ema_decay is not None
-    augments = bool(config.augment_shift or config.augment_rotate or config.augment_scale)
+    augments = uses_augmentation(config)
     images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
     base_key = jax.random.key(config.seed)
 
@@ -166,7 +166,8 @@ def train_minimal(config: TrainConfig):
         if augments:
             keys = jax.random.split(jax.random.fold_in(base_key, step), batch)
             x = augment.random_affine(keys, x.astype(jnp.float32), max_shift=config.augment_shift,
-                                      max_rotate_degrees=config.augment_rotate, max_scale=config.augment_scale)
+                                      max_rotate_degrees=config.augment_rotate, max_scale=config.augment_scale,
+                                      horizontal_flip=config.augment_flip)
         x, y = preprocess(x, preprocessing), labels[idx]
         targets = optax.smooth_labels(jax.nn.one_hot(y, source.num_classes), config.label_smoothing)
 

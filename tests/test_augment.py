@@ -1,0 +1,40 @@
+"""train.augment against exact expectations: identity, mirror images, per-example randomness."""
+
+import jax
+import numpy as np
+
+from train import augment
+
+IMAGES = np.asarray(jax.random.uniform(jax.random.key(0), (64, 12, 10, 1)) * 255).round()
+KEYS = jax.random.split(jax.random.key(1), len(IMAGES))
+
+
+def warp(images, **settings):
+    options = dict(max_shift=0.0, max_rotate_degrees=0.0, max_scale=0.0)
+    options.update(settings)
+    return np.asarray(augment.random_affine(KEYS, images, **options))
+
+
+def test_no_augmentation_is_the_identity():
+    np.testing.assert_array_equal(warp(IMAGES), IMAGES)
+
+
+def test_flip_alone_mirrors_about_half_of_the_images_exactly():
+    out = warp(IMAGES, horizontal_flip=True)
+    same = [np.allclose(o, x, atol=1e-3) for o, x in zip(out, IMAGES)]
+    mirrored = [np.allclose(o, x[:, ::-1], atol=1e-3) for o, x in zip(out, IMAGES)]
+    assert all(s != m for s, m in zip(same, mirrored))  # each image is one or the other
+    assert 16 <= sum(mirrored) <= 48
+
+
+def test_flip_mirrors_the_input_and_keeps_the_other_draws():
+    # Mirroring first, then the same shift/zoom: a flipped example equals the unflipped
+    # warp of the mirrored image, an unflipped one the plain warp.
+    settings = dict(max_shift=2.0, max_scale=0.1)
+    flipped = warp(IMAGES, horizontal_flip=True, **settings)
+    plain = warp(IMAGES, **settings)
+    of_mirror = warp(IMAGES[:, :, ::-1], **settings)
+    mirrored = np.array([not np.allclose(f, p, atol=1e-3) for f, p in zip(flipped, plain)])
+    assert 16 <= mirrored.sum() <= 48
+    np.testing.assert_allclose(flipped[~mirrored], plain[~mirrored], atol=1e-3)
+    np.testing.assert_allclose(flipped[mirrored], of_mirror[mirrored], atol=1e-3)
