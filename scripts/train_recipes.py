@@ -2,6 +2,7 @@
 
     python scripts/train_recipes.py list
     python scripts/train_recipes.py run mnistnet_mnist --seed 0 [--ship] [--out runs/]
+    python scripts/train_recipes.py ship runs/mnistnet_mnist-seed0     # a finished run, after the fact
     python scripts/train_recipes.py time-to-99 [--target 0.99]
     python scripts/train_recipes.py summarize runs/mnistnet_mnist-seed*/result.json
 
@@ -42,7 +43,7 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from train import data, loop
-    from train.recipes import MINIMAL_LOOP, SHIPPED_AS, get_recipe, train_minimal
+    from train.recipes import MINIMAL_LOOP, get_recipe, train_minimal
 
     config = get_recipe(args.recipe, seed=args.seed)
     if args.epochs:
@@ -75,14 +76,29 @@ def cmd_run(args) -> int:
     (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("recipe", "seed", "test_accuracy", "wall_seconds")}))
     if args.ship:
-        from zoo import pretrained
+        ship(run_dir)
+    return 0
 
-        model_name, tag = SHIPPED_AS[args.recipe]
-        paths = pretrained.export(model_dir, tag, extra={
-            "recipe": args.recipe, "seed": args.seed, "wall_seconds": summary["wall_seconds"],
-            "machine": summary["machine"], "date": summary["date"],
-            "command": f"python scripts/train_recipes.py run {args.recipe} --seed {args.seed} --ship"})
-        print("shipped", *paths)
+
+def ship(run_dir: Path) -> None:
+    """Export a finished run's model (run_dir/model) as the shipped weights of its recipe."""
+    from train.recipes import SHIPPED_AS
+    from zoo import pretrained
+
+    summary = json.loads((run_dir / "result.json").read_text())
+    recipe, seed = summary["recipe"], summary["seed"]
+    if recipe not in SHIPPED_AS:
+        raise SystemExit(f"recipe {recipe!r} ships no weights; shipping recipes: {', '.join(SHIPPED_AS)}")
+    _, tag = SHIPPED_AS[recipe]
+    paths = pretrained.export(run_dir / "model", tag, extra={
+        "recipe": recipe, "seed": seed, "wall_seconds": summary["wall_seconds"],
+        "machine": summary["machine"], "date": summary["date"],
+        "command": f"python scripts/train_recipes.py run {recipe} --seed {seed} --ship"})
+    print("shipped", *paths)
+
+
+def cmd_ship(args) -> int:
+    ship(Path(args.run_dir))
     return 0
 
 
@@ -137,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--loop", choices=("train.loop.train", "train_minimal"),
                    help="training loop (default: the recipe's, see train.recipes.MINIMAL_LOOP)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("ship", help="export a finished run (RUN_DIR from `run`) as shipped weights")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_ship)
     p = sub.add_parser("time-to-99", help="time a fresh process training to 99%% MNIST test accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=0.99)
