@@ -175,7 +175,7 @@ def create_model(
         return model
 
     if abstract:  # values are irrelevant, so a fresh seed avoids tracing the caller's Rngs
-        return eval_shape(lambda: build(nnx.Rngs(0)))
+        return eval_shape(lambda: build(nnx.Rngs(params=0, dropout=1)))  # the streams of a concrete build
     if not isinstance(rngs, int):
         return build(rngs)  # the caller's Rngs advance as they would eagerly
     seed = rngs
