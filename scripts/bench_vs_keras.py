@@ -9,7 +9,9 @@ softmax cross-entropy on logits). Keras runs its own compiled paths
 (`predict_on_batch`, `train_on_batch` after `compile(jit_compile=True)`); ours
 runs `jax.jit` over `nnx.split` state (no NNX graph traversal inside the timed
 loop). Each timing is the median of `repeats` runs after one warm-up call that
-compiles. Prints a table of images/s and the ratio ours / Keras (> 1: we are faster).
+compiles; the timed calls alternate between the four functions, so background load hits
+both sides alike. Prints a table of images/s and the ratio ours / Keras (> 1: we are faster).
+Ours includes zoo's CPU convolution and pooling paths (zoo/cpu_conv.py), as every zoo model does.
 """
 
 from __future__ import annotations
@@ -37,14 +39,18 @@ MODELS = {"resnet50": ("ResNet50", 224), "efficientnet_b0": ("EfficientNetB0", 2
           "xception": ("Xception", 299), "vgg16": ("VGG16", 224)}
 
 
-def timed(fn, repeats):
-    fn()  # warm-up: compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function; calls alternate between the functions so
+    that background load hits every side alike. The first call of each (compiling) is not timed."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def ours_inference(model):
@@ -100,13 +106,13 @@ def bench(name, batch, repeats):
     infer = ours_inference(ours)
     error = relative_error(infer(x), theirs.predict_on_batch(x))
     row = {"model": name, "input": f"{batch}x{side}x{side}", "max_rel_err": error}
-    row["ours_infer"] = batch / timed(lambda: infer(x), repeats)
-    row["keras_infer"] = batch / timed(lambda: theirs.predict_on_batch(x), repeats)
     theirs.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
     step = ours_train_step(ours)
-    row["ours_train"] = batch / timed(lambda: step(x, y), repeats)
-    row["keras_train"] = batch / timed(lambda: theirs.train_on_batch(x, y), repeats)
+    seconds = timed({"ours_infer": lambda: infer(x), "keras_infer": lambda: theirs.predict_on_batch(x),
+                     "ours_train": lambda: step(x, y), "keras_train": lambda: theirs.train_on_batch(x, y)},
+                    repeats)
+    row.update({name: batch / s for name, s in seconds.items()})
     return row
 
 
