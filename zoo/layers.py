@@ -8,7 +8,6 @@ each step is), which a lambda never allows.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -59,79 +58,9 @@ class MaxPool(_Pool):
     """
 
     def __call__(self, x):
-        if cpu_conv.enabled():
-            pads = self.padding
-            if isinstance(pads, str):
-                pads = jax.lax.padtype_to_pads(x.shape[1:3], self.window, self.strides, pads)
-            return _max_pool(x, self.window, self.strides, tuple((int(lo), int(hi)) for lo, hi in pads))
+        if cpu_conv.enabled():  # same values, a gradient XLA:CPU runs faster
+            return cpu_conv.max_pool(x, self.window, self.strides, self.padding)
         return nnx.max_pool(x, self.window, strides=self.strides, padding=self.padding)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window, strides, pads):
-    """Max pooling whose gradient XLA:CPU runs fast: x (N, H, W, C), pads ((top, bottom), (left, right)).
-
-    XLA:CPU's gradient of max pooling (select-and-scatter) is slow: 30 ms for a batch of 128 at
-    28x28x16 on the machine of docs/BENCHMARKS.md, against 0.5 ms forward. `_max_pool_grad` gives
-    the same gradient (to the first maximum of each window, in row-major order, as
-    select-and-scatter does) with one comparison and one strided pad per window position.
-    """
-    return _reduce_max(x, window, strides, pads)
-
-
-def _reduce_max(x, window, strides, pads):
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
-                                 ((0, 0), *pads, (0, 0)))
-
-
-def _max_pool_forward(x, window, strides, pads):
-    y = _reduce_max(x, window, strides, pads)
-    return y, (x, y)
-
-
-def _max_pool_grad(window, strides, pads, residuals, dy):
-    x, y = residuals
-    if tuple(window) == tuple(strides) and not any(sum(pads, ())):
-        return (_tiled_max_pool_grad(x, y, dy, window),)
-    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-    n, hp, wp, c = padded.shape
-    ho, wo = y.shape[1:3]
-    (sh, sw), span_h, span_w = strides, (ho - 1) * strides[0] + 1, (wo - 1) * strides[1] + 1
-    grad = jnp.zeros_like(padded)
-    unclaimed = jnp.ones(y.shape, bool)
-    for i in range(window[0]):
-        for j in range(window[1]):
-            tap = jax.lax.slice(padded, (0, i, j, 0), (n, i + span_h, j + span_w, c), (1, sh, sw, 1))
-            hit = unclaimed & (tap == y)
-            unclaimed = unclaimed & ~hit
-            # Scatter back to the tap's strided positions: the transpose of the strided slice.
-            grad = grad + jax.lax.pad(jnp.where(hit, dy, 0).astype(x.dtype), jnp.zeros((), x.dtype),
-                                      ((0, 0, 0), (i, hp - i - span_h, sh - 1), (j, wp - j - span_w, sw - 1),
-                                       (0, 0, 0)))
-    (top, _), (left, _) = pads
-    return (grad[:, top:top + x.shape[1], left:left + x.shape[2], :],)
-
-
-def _tiled_max_pool_grad(x, y, dy, window):
-    """`_max_pool_grad` for windows that tile the image (stride = window, no padding): the
-    windows are a reshape away, so no strided scatter is needed (about 2x faster again)."""
-    n, h, w, c = x.shape
-    (kh, kw), (ho, wo) = window, y.shape[1:3]
-    tiles = x[:, :ho * kh, :wo * kw].reshape(n, ho, kh, wo, kw, c)
-    unclaimed = jnp.ones(y.shape, bool)
-    rows = []
-    for i in range(kh):
-        row = []
-        for j in range(kw):
-            hit = unclaimed & (tiles[:, :, i, :, j] == y)
-            unclaimed = unclaimed & ~hit
-            row.append(jnp.where(hit, dy, 0).astype(x.dtype))
-        rows.append(jnp.stack(row, axis=3))
-    grad = jnp.stack(rows, axis=2).reshape(n, ho * kh, wo * kw, c)
-    return jnp.pad(grad, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0)))  # rows/cols no window saw
-
-
-_max_pool.defvjp(_max_pool_forward, _max_pool_grad)
 
 
 class AvgPool(_Pool):
