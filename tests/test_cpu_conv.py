@@ -61,6 +61,17 @@ def test_depthwise_conv_matches_xla(size, channels, kernel, stride):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
+def test_empty_maps_keep_xla_shapes():
+    # zoo.output_shape probes inputs too small for a model: the map must come out empty, not fail.
+    x = jax.ShapeDtypeStruct((1, 1, 1, 8), jnp.float32)
+    w = jax.ShapeDtypeStruct((1, 1, 8, 4), jnp.float32)
+    conv = jax.eval_shape(lambda x, w: cpu_conv.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=NHWC),
+                          jnp.zeros((1, 0, 0, 8)), w)
+    assert conv.shape == (1, 0, 0, 4)
+    pooled = jax.eval_shape(lambda x: cpu_conv.max_pool(x, (3, 3), (2, 2), "VALID"), x)
+    assert pooled.shape == (1, 0, 0, 8)
+
+
 def test_conv_falls_back_for_what_it_does_not_cover():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))  # two feature groups

@@ -75,9 +75,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if lhs.size == 0 or min(_out_size(lhs.shape[1:3], rhs.shape[:2], strides, pads)) < 1:
+        # Empty maps (zoo.output_shape probes too-small inputs): XLA's op gives the empty shape.
+        return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision)
     if depthwise:
         return _depthwise(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, precision)
+
+
+def _out_size(in_hw, kernel_hw, strides, pads):
+    return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, pads))
 
 
 def _is_nhwc(dimension_numbers, ndim) -> bool:
@@ -177,7 +185,10 @@ def max_pool(x, window, strides, padding):
     window, strides = tuple(window), tuple(strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-    return _max_pool(x, window, strides, tuple((int(lo), int(hi)) for lo, hi in padding))
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if x.size == 0 or min(_out_size(x.shape[1:3], window, strides, pads)) < 1:
+        return _reduce_max(x, window, strides, pads)  # an empty map: nothing to differentiate
+    return _max_pool(x, window, strides, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
