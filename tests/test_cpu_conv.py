@@ -20,6 +20,13 @@ from zoo.layers import MaxPool
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def every_size_takes_the_fast_path(monkeypatch):
+    # The tests' operations are small; below cpu_conv.MIN_WORK / MIN_POOL_SIZE they would stay XLA's own.
+    monkeypatch.setattr(cpu_conv, "MIN_WORK", 0)
+    monkeypatch.setattr(cpu_conv, "MIN_POOL_SIZE", 0)
+
+
 def value_and_grads(conv, x, w, strides, padding):
     def loss(x, w):  # a nonlinear read-out so every output element gets its own cotangent
         return jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC)).sum()
@@ -59,6 +66,14 @@ def test_depthwise_conv_matches_xla(size, channels, kernel, stride):
         results.append(value_and_grads(grouped, x, w, (stride, stride), "SAME"))
     for ours, ref in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def test_small_operations_stay_xla_own(monkeypatch):
+    monkeypatch.setattr(cpu_conv, "MIN_WORK", 1 << 22)
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                                          dimension_numbers=NHWC))(x, w))
+    assert "conv_general_dilated" in jaxpr and "custom_vjp" not in jaxpr
 
 
 def test_empty_maps_keep_xla_shapes():

@@ -14,7 +14,8 @@ Measured on the 2-core machine of docs/BENCHMARKS.md (batch 8 at 56x56 unless no
   - depthwise convolutions (EfficientNet, Xception) run as a sum of shifted views times
     per-channel weights: 8 ms instead of 198 ms forward for 3x3 over 112x112x32;
   - max-pooling's gradient skips select-and-scatter (`max_pool`, used by `zoo.layers.MaxPool`).
-Other convolutions keep XLA's forward kernel and input gradient. Whole models, side by side:
+Other convolutions keep XLA's forward kernel and input gradient, and so do small ones
+(`MIN_WORK`). Whole models, side by side:
 scripts/bench_cpu_conv.py (ResNet-50 training step 1.9x, EfficientNet-B0 5.8x, Xception 4.1x).
 
 `use_cpu_conv(model)` sets this function on every `nnx.Conv` of a model (an NNX Conv may
@@ -56,6 +57,12 @@ def xla_ops_only():
         _ENABLED[0] = True
 
 
+# Below this many multiply-adds (or comparisons, for pooling) an operation stays XLA's own:
+# it is fast enough there, and fewer, larger operations compile faster (the test suite's
+# models at 32x32 compile in 15 s instead of 24 s for EfficientNet-B0).
+MIN_WORK = 1 << 22
+MIN_POOL_SIZE = 1 << 18  # input elements (an MNIST net's batch of 128 pools 1.6 M)
+
 # Up to this many (taps x input channels), gather all taps into one matrix (im2col):
 # one big product beats many thin ones, and the patches are small.
 IM2COL_MAX_DEPTH = 64
@@ -75,8 +82,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if lhs.size == 0 or min(_out_size(lhs.shape[1:3], rhs.shape[:2], strides, pads)) < 1:
-        # Empty maps (zoo.output_shape probes too-small inputs): XLA's op gives the empty shape.
+    out_hw = _out_size(lhs.shape[1:3], rhs.shape[:2], strides, pads)
+    if min(out_hw) < 1 or lhs.shape[0] * out_hw[0] * out_hw[1] * rhs.size < MIN_WORK:
+        # Small (or empty: zoo.output_shape probes too-small inputs) convolutions: XLA's op.
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision)
     if depthwise:
@@ -186,8 +194,9 @@ def max_pool(x, window, strides, padding):
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if x.size == 0 or min(_out_size(x.shape[1:3], window, strides, pads)) < 1:
-        return _reduce_max(x, window, strides, pads)  # an empty map: nothing to differentiate
+    out_hw = _out_size(x.shape[1:3], window, strides, pads)
+    if min(out_hw) < 1 or x.size < MIN_POOL_SIZE:
+        return _reduce_max(x, window, strides, pads)  # small or empty: XLA's own gradient
     return _max_pool(x, window, strides, pads)
 
 
