@@ -95,7 +95,7 @@ def test_shipped_weights_meet_the_issue_target(meta_path):
     if meta["test_accuracy"] < target:
         # Reported as XFAIL, never as a pass: the accuracy target of issue 4 is still open.
         pytest.xfail(f"{meta_path.name} reaches {100 * meta['test_accuracy']:.2f}% test accuracy; the target is "
-                     f"{100 * target:.2f}% (docs/BENCHMARKS.md, training results: the runs still to do)")
+                     f"{100 * target:.2f}% (docs/BENCHMARKS.md, training results: what the targets asked)")
     assert meta["test_accuracy"] >= target
 
 
