@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import optax
 from flax import nnx
 
 import zoo
+from side_by_side import alternating_medians
 from zoo import cpu_conv
 
 DEFAULT = "mnistnet:128,resnet50:8,efficientnet_b0:8,xception:8,vgg16:4"
@@ -59,14 +58,8 @@ def bench(name, batch, repeats):
         theirs = compiled_pair(model, x, labels)
     a, b = ours[0](), theirs[0]()
     error = float(jnp.abs(a - b).max() / jnp.abs(b).max())
-    times = {key: [] for key in ("ours_infer", "xla_infer", "ours_grad", "xla_grad")}
-    for _ in range(repeats):
-        for key, fn in (("ours_infer", ours[0]), ("xla_infer", theirs[0]),
-                        ("ours_grad", ours[1]), ("xla_grad", theirs[1])):
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    row = {key: statistics.median(v) for key, v in times.items()}
+    row = alternating_medians({"ours_infer": ours[0], "xla_infer": theirs[0], "ours_grad": ours[1],
+                               "xla_grad": theirs[1]}, repeats, warm_up=False)  # compiled already
     row.update(model=name, input=f"{batch}x{h}x{w}x{c}", max_rel_err=error)
     return row
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -31,26 +29,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from side_by_side import alternating_medians  # noqa: E402
 from zoo.importers import import_keras  # noqa: E402
 from zoo.importers.reference import keras_application, randomize_keras_weights, relative_error  # noqa: E402
 
 # zoo name -> (Keras name, input side)
 MODELS = {"resnet50": ("ResNet50", 224), "efficientnet_b0": ("EfficientNetB0", 224),
           "xception": ("Xception", 299), "vgg16": ("VGG16", 224)}
-
-
-def timed(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each function; calls alternate between the functions so
-    that background load hits every side alike. The first call of each (compiling) is not timed."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def ours_inference(model):
@@ -109,9 +94,9 @@ def bench(name, batch, repeats):
     theirs.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
     step = ours_train_step(ours)
-    seconds = timed({"ours_infer": lambda: infer(x), "keras_infer": lambda: theirs.predict_on_batch(x),
-                     "ours_train": lambda: step(x, y), "keras_train": lambda: theirs.train_on_batch(x, y)},
-                    repeats)
+    seconds = alternating_medians({
+        "ours_infer": lambda: infer(x), "keras_infer": lambda: theirs.predict_on_batch(x),
+        "ours_train": lambda: step(x, y), "keras_train": lambda: theirs.train_on_batch(x, y)}, repeats)
     row.update({name: batch / s for name, s in seconds.items()})
     return row
 

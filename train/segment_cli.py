@@ -86,5 +86,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-ship", action="store_true", help="do not write weights to zoo/weights/")
     p.add_argument("--prepare-only", action="store_true", help="only build the digit_scenes data set")
     p.set_defaults(func=cmd_segment_train)
-
-

@@ -25,7 +25,6 @@ options: `activation="relu"`, `pooling="max"`. MNIST's 28x28 digits fit with
 
 from __future__ import annotations
 
-
 from flax import nnx
 
 from zoo.classifier import Classifier, dense_head, output_shape

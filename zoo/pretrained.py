@@ -106,7 +106,6 @@ def load(model_name: str, tag: str, *, dtype=None, weights_dir: str | os.PathLik
     return model
 
 
-
 def preprocess(images, preprocessing: dict[str, Any]):
     """Apply a recorded preprocessing to uint8 images: x = (images * scale - mean) / std, per channel.
 

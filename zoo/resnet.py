@@ -106,8 +106,7 @@ class ResidualBlock(nnx.Module):
         out_ch = width * EXPANSION[kind]
         conv = {"conv_bias": conv_bias, "dtype": dtype, "rngs": rngs}
         bn = {"bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum, "dtype": dtype, "rngs": rngs}
-        shortcut = {"conv_bias": conv_bias, "bn_epsilon": bn_epsilon, "bn_momentum": bn_momentum,
-                        "dtype": dtype, "rngs": rngs}
+        shortcut = {**conv, **bn}
         self.kind = kind
         if kind == "basic":
             self.conv1 = _conv(in_ch, width, 3, stride, **conv)
