@@ -62,8 +62,8 @@ def cmd_run(args) -> int:
     seconds = time.perf_counter() - started
     source = data.get_source(config.dataset)
     steps_per_epoch = steps // config.epochs
-    model_dir = loop.save_trained_model(model, run_dir / "model", config, source,
-                                        test_accuracy, steps, steps_per_epoch)
+    loop.save_trained_model(model, run_dir / "model", config, source,
+                            test_accuracy, steps, steps_per_epoch)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     loop.plot_curves(history, run_dir / "curves.png", title=f"{config.model} on {config.dataset}")
     summary = {

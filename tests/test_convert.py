@@ -238,7 +238,7 @@ def test_softmax_after_the_logits_runs_per_position():
 # ---------------------------------------------------------------- property test
 @st.composite
 def valid_stacks(draw):
-    layers, channels, size_needed = [], draw(st.integers(1, 3)), []
+    layers, channels = [], draw(st.integers(1, 3))
     in_channels = channels
     for _ in range(draw(st.integers(1, 3))):
         out = draw(st.integers(2, 6))
