@@ -52,6 +52,8 @@ PUBLISHED_PARAMS = {
     # Our own MNIST design, counted by hand: 3x3 convs without bias 1-16-32-32-64 (32,400),
     # their BatchNorm scales and offsets (288), Dense 7*7*64 -> 10 (31,370).
     ("mnistnet", ()): 32_400 + 288 + 31_370,
+    # The same at twice the width: convs 1-32-64-64-128 (129,312), BatchNorm (576), Dense 7*7*128 -> 10 (62,730).
+    ("mnistnet_wide", ()): 9 * (32 + 32 * 64 + 64 * 64 + 64 * 128) + 2 * (32 + 64 + 64 + 128) + 7 * 7 * 128 * 10 + 10,
 }
 
 ALL_MODELS = zoo.list_models()

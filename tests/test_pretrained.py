@@ -32,11 +32,18 @@ def _is_classifier_weights(meta_path: Path) -> bool:
 
 SHIPPED = sorted(p for p in WEIGHTS_DIR.glob("*.json") if _is_classifier_weights(p))
 
+
+def _target_key(meta_path: Path):
+    meta = json.loads(meta_path.read_text())
+    return meta["model"], meta["dataset"]
+
 # The issue's targets (test accuracy) per (model, dataset); shipped weights must meet them.
+# The small mnistnet has none: it is the segmentation backbone, not the best MNIST CNN.
 TARGETS = {
-    ("mnistnet", "mnist"): 0.9975,
+    ("mnistnet_wide", "mnist"): 0.9975,
     ("lenet5", "mnist"): 0.990,
     ("mnistnet", "fashion_mnist"): 0.945,
+    ("mnistnet_wide", "fashion_mnist"): 0.945,
 }
 # Re-evaluating on another machine or jax version may flip an image whose top two logits are
 # within rounding of each other; more than this many is a real difference.
@@ -85,13 +92,11 @@ def test_shipped_weights_reach_their_recorded_test_accuracy(meta_path):
         f"{meta_path.name}: {correct}/{len(labels)} correct now, {recorded} recorded")
 
 
-@pytest.mark.parametrize("meta_path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("meta_path", [p for p in SHIPPED if _target_key(p) in TARGETS], ids=lambda p: p.stem)
 def test_shipped_weights_meet_the_issue_target(meta_path):
     # The recorded accuracy is checked against a re-evaluation above; here against the goal.
     meta = json.loads(meta_path.read_text())
-    target = TARGETS.get((meta["model"], meta["dataset"]))
-    if target is None:
-        pytest.skip(f"no target set for {meta['model']} on {meta['dataset']}")
+    target = TARGETS[_target_key(meta_path)]
     if meta["test_accuracy"] < target:
         # Reported as XFAIL, never as a pass: the accuracy target of issue 4 is still open.
         pytest.xfail(f"{meta_path.name} reaches {100 * meta['test_accuracy']:.2f}% test accuracy; the target is "
