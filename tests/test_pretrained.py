@@ -37,6 +37,7 @@ def _target_key(meta_path: Path):
     meta = json.loads(meta_path.read_text())
     return meta["model"], meta["dataset"]
 
+
 # The targets (test accuracy) per (model, dataset); shipped weights must meet them.
 # The small mnistnet has none: it is the segmentation backbone, not the best MNIST CNN.
 TARGETS = {
