@@ -208,7 +208,7 @@ def _max_pool(x, window, strides, pads):
 
 def _reduce_max(x, window, strides, pads):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
-                                 ((0, 0), *pads, (0, 0)))
+                             ((0, 0), *pads, (0, 0)))
 
 
 def _max_pool_forward(x, window, strides, pads):
@@ -233,8 +233,8 @@ def _max_pool_grad(window, strides, pads, residuals, dy):
             unclaimed = unclaimed & ~hit
             # Scatter back to the tap's strided positions: the transpose of the strided slice.
             grad = grad + lax.pad(jnp.where(hit, dy, 0).astype(x.dtype), jnp.zeros((), x.dtype),
-                                      ((0, 0, 0), (i, hp - i - span_h, sh - 1), (j, wp - j - span_w, sw - 1),
-                                       (0, 0, 0)))
+                                  ((0, 0, 0), (i, hp - i - span_h, sh - 1), (j, wp - j - span_w, sw - 1),
+                                   (0, 0, 0)))
     (top, _), (left, _) = pads
     return (grad[:, top:top + x.shape[1], left:left + x.shape[2], :],)
 
