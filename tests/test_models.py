@@ -54,6 +54,9 @@ PUBLISHED_PARAMS = {
     ("mnistnet", ()): 32_400 + 288 + 31_370,
     # The same at twice the width: convs 1-32-64-64-128 (129,312), BatchNorm (576), Dense 7*7*128 -> 10 (62,730).
     ("mnistnet_wide", ()): 9 * (32 + 32 * 64 + 64 * 64 + 64 * 128) + 2 * (32 + 64 + 64 + 128) + 7 * 7 * 128 * 10 + 10,
+    # Four times the width: convs 1-64-128-128-256 (516,672), BatchNorm (1,152), Dense 7*7*256 -> 10 (125,450).
+    ("mnistnet_large", ()): 9 * (64 + 64 * 128 + 128 * 128 + 128 * 256) + 2 * (64 + 128 + 128 + 256)
+    + 7 * 7 * 256 * 10 + 10,
 }
 
 ALL_MODELS = zoo.list_models()

