@@ -16,7 +16,7 @@ Total stride 4 keeps the feature map fine (one cell per 4x4 pixels), so the FCN
 that `convert` makes of it (the flatten head becomes a 7x7 convolution, i.e. the
 classifier slid over the image in steps of 4 pixels) gives dense maps fine
 enough to segment digits. Shipped weights expect x = (uint8 / 255 - mean) / std
-with MNIST's mean and std (see `zoo.pretrained`).
+with their training set's mean and std, recorded with each file (see `zoo.pretrained`).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ register(ModelSpec(
 ))
 
 # Four times the width: Fashion-MNIST's textures need the capacity (the small one fits its augmented
-# training data to only 93.5% after 15 epochs). 2.7x mnistnet_wide's time per training step here.
+# training data to only 93.5% after 15 epochs). 2.6x mnistnet_wide's time per training step here.
 register(ModelSpec(
     name="mnistnet_large",
     options={"widths": (64, 128, 256), "convs_per_stage": (1, 2, 1), "dropout": 0.25},
