@@ -38,3 +38,26 @@ def test_flip_mirrors_the_input_and_keeps_the_other_draws():
     assert 16 <= mirrored.sum() <= 48
     np.testing.assert_allclose(flipped[~mirrored], plain[~mirrored], atol=1e-3)
     np.testing.assert_allclose(flipped[mirrored], of_mirror[mirrored], atol=1e-3)
+
+
+DIGIT_SIZED = np.asarray(jax.random.uniform(jax.random.key(2), (64, 28, 28, 1)) * 255).round()
+
+
+def test_random_erase_changes_one_rectangle_of_the_papers_size():
+    out = np.asarray(augment.random_erase(KEYS, DIGIT_SIZED, probability=1.0))
+    assert out.min() >= 0 and out.max() <= 255
+    for before, after in zip(DIGIT_SIZED, out):
+        changed = np.abs(after - before)[..., 0] > 1e-6
+        rows, cols = np.nonzero(changed)
+        # Every changed pixel lies in the bounding box of the changes, and fills it: one rectangle.
+        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all()
+        # Zhong et al.'s defaults: 2-40% of the area (whole pixels, so a little slack).
+        assert 0.01 <= box.size / changed.size <= 0.5
+
+
+def test_random_erase_probability():
+    np.testing.assert_array_equal(np.asarray(augment.random_erase(KEYS, DIGIT_SIZED, probability=0.0)), DIGIT_SIZED)
+    out = np.asarray(augment.random_erase(KEYS, DIGIT_SIZED, probability=0.5))
+    erased = [not np.array_equal(o, x) for o, x in zip(out, DIGIT_SIZED)]
+    assert 16 <= sum(erased) <= 48

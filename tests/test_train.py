@@ -58,6 +58,7 @@ def reference() -> loop.TrainResult:
     (dict(dataset="cifar10"), "Known datasets: mnist, fashion_mnist"),
     (dict(model="lenet"), "Known models: lenet5"),
     (dict(optimizer="rmsprop"), "adamw, sgd"),
+    (dict(augment_erase=1.5), r"augment_erase is a probability in \[0, 1\]"),
 ])
 def test_impossible_settings_fail_before_anything_compiles(monkeypatch, changes, message):
     def no_compiling(*args, **kwargs):

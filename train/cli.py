@@ -52,6 +52,7 @@ def cmd_train(args) -> int:
         schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, ema_decay=args.ema, grad_clip_norm=args.clip,
         augment_shift=args.shift, augment_rotate=args.rotate, augment_scale=args.scale, augment_flip=args.flip,
+        augment_erase=args.erase,
         dtype="bfloat16" if args.bf16 else "float32", remat=args.remat, data_parallel=args.data_parallel,
         seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, max_steps=args.max_steps,
@@ -98,6 +99,8 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--rotate", type=float, default=0.0, help="augmentation: max rotation in degrees")
     p.add_argument("--scale", type=float, default=0.0, help="augmentation: max relative zoom, e.g. 0.1")
     p.add_argument("--flip", action="store_true", help="augmentation: mirror left-right half the time (not for digits)")
+    p.add_argument("--erase", type=float, default=0.0, metavar="P",
+                   help="augmentation: random erasing with probability P, e.g. 0.5 (Fashion-MNIST)")
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (parameters stay float32)")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     p.add_argument("--data-parallel", action="store_true", help="split each batch over all devices")

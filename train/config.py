@@ -47,7 +47,8 @@ class TrainConfig:
     Augmentation (on the device, per example, a pure function of (seed, step, example)):
         augment_shift: max shift in pixels; augment_rotate: max rotation in degrees;
         augment_scale: max relative zoom (0.1 = 0.9x..1.1x); augment_flip: mirror left-right
-            with probability 1/2 (Fashion-MNIST; never for digits).
+            with probability 1/2 (Fashion-MNIST; never for digits); augment_erase: probability of
+            random erasing (one rectangle of noise per image; `train.augment.random_erase`).
     Out-of-memory playbook:
         dtype: "float32" or "bfloat16" (computation in bf16, parameters and optimizer in fp32);
         remat: recompute the activations of each backbone block in the backward pass;
@@ -88,6 +89,7 @@ class TrainConfig:
     augment_rotate: float = 0.0
     augment_scale: float = 0.0
     augment_flip: bool = False
+    augment_erase: float = 0.0
 
     dtype: str = "float32"
     remat: bool = False
@@ -148,6 +150,8 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "augment_shift", "augment_rotate", "augment_scale"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.augment_erase <= 1.0:
+            raise ValueError(f"augment_erase is a probability in [0, 1], got {self.augment_erase}")
         if self.augment_scale >= 1:
             raise ValueError(f"augment_scale must be < 1 (a relative zoom), got {self.augment_scale}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:

@@ -209,10 +209,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
 
     def prepare_batch(images_uint8, keys=None):
         if keys is not None:  # augment in [0, 255] so the background stays exactly 0
-            images_uint8 = augment.random_affine(
-                keys, images_uint8.astype(jnp.float32), max_shift=config.augment_shift,
-                max_rotate_degrees=config.augment_rotate, max_scale=config.augment_scale,
-                horizontal_flip=config.augment_flip)
+            images_uint8 = augment.from_config(keys, images_uint8.astype(jnp.float32), config)
         return preprocess(images_uint8, preprocessing).astype(compute_dtype)
 
     def loss_fn(params, other, x, y, dropout_key):
@@ -288,7 +285,8 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
 
 def augments(config: TrainConfig) -> bool:
     """Whether `config` asks for any augmentation."""
-    return bool(config.augment_shift or config.augment_rotate or config.augment_scale or config.augment_flip)
+    return bool(config.augment_shift or config.augment_rotate or config.augment_scale or config.augment_flip
+                or config.augment_erase)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,9 +192,7 @@ def train_minimal(config: TrainConfig):
         x = images[idx]
         if augments:
             keys = jax.random.split(jax.random.fold_in(base_key, step), batch)
-            x = augment.random_affine(keys, x.astype(jnp.float32), max_shift=config.augment_shift,
-                                      max_rotate_degrees=config.augment_rotate, max_scale=config.augment_scale,
-                                      horizontal_flip=config.augment_flip)
+            x = augment.from_config(keys, x.astype(jnp.float32), config)
         x, y = preprocess(x, preprocessing), labels[idx]
         targets = optax.smooth_labels(jax.nn.one_hot(y, source.num_classes), config.label_smoothing)
 
