@@ -39,6 +39,12 @@ def random_affine(keys, images, *, max_shift: float, max_rotate_degrees: float, 
         keys, images)
 
 
+def requested(config) -> bool:
+    """Whether a `train.config.TrainConfig` asks for any augmentation (else no keys are drawn)."""
+    return bool(config.augment_shift or config.augment_rotate or config.augment_scale or config.augment_flip
+                or config.augment_erase)
+
+
 def from_config(keys, images, config):
     """Apply the augmentation a `train.config.TrainConfig` asks for (warp, then erasing).
 
@@ -67,7 +73,7 @@ def random_erase(keys, images, *, probability: float, max_value: float = 255.0):
         (N, H, W, C), same dtype: each image unchanged, or changed inside one axis-aligned rectangle.
     """
     def erase_one(key, image):
-        h, w, c = image.shape
+        h, w = image.shape[:2]
         k_apply, k_area, k_aspect, k_y, k_x, k_noise = jax.random.split(jax.random.fold_in(key, 2), 6)
         area = h * w * jax.random.uniform(k_area, (), minval=ERASE_AREA[0], maxval=ERASE_AREA[1])
         log_aspect = jax.random.uniform(k_aspect, (), minval=jnp.log(ERASE_ASPECT[0]), maxval=jnp.log(ERASE_ASPECT[1]))

@@ -233,7 +233,7 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
         start = (step % steps_per_epoch) * batch
         idx = jax.lax.dynamic_slice_in_dim(order, start, batch)
         keys = jax.random.split(jax.random.fold_in(step_key, 0), batch)  # one per example
-        x = shard_batch(prepare_batch(images[idx], keys if augments(config) else None))
+        x = shard_batch(prepare_batch(images[idx], keys if augment.requested(config) else None))
         y = shard_batch(labels[idx])
         dropout_root = jax.random.fold_in(step_key, 1)
 
@@ -281,12 +281,6 @@ def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_st
     return Functions(train_steps=jax.jit(train_steps, static_argnums=4, donate_argnums=0, compiler_options=options),
                      evaluate=jax.jit(evaluate, compiler_options=options),
                      permutation=jax.jit(permutation, compiler_options=FAST_COMPILE))
-
-
-def augments(config: TrainConfig) -> bool:
-    """Whether `config` asks for any augmentation."""
-    return bool(config.augment_shift or config.augment_rotate or config.augment_scale or config.augment_flip
-                or config.augment_erase)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def train_minimal(config: TrainConfig):
     from flax import nnx
 
     from train import augment, data
-    from train.loop import augments as uses_augmentation, build_model, make_optimizer, make_schedule
+    from train.loop import build_model, make_optimizer, make_schedule
     from zoo.pretrained import preprocess
 
     config.validate()
@@ -183,7 +183,7 @@ def train_minimal(config: TrainConfig):
     weights_filter = (nnx.Param, nnx.BatchStat)
     ema = jax.tree.map(jnp.copy, nnx.state(model, weights_filter))
     use_ema = config.ema_decay is not None
-    augments = uses_augmentation(config)
+    augments = augment.requested(config)
     images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
     base_key = jax.random.key(config.seed)
 
