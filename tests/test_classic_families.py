@@ -342,6 +342,8 @@ def test_googlenet_aux_option_errors():
         zoo.create_model("googlenet", include_top=False, aux_logits=True)
     with pytest.raises(ValueError, match="65x65"):
         zoo.eval_shape(lambda: zoo.create_model("googlenet", input_size=64, aux_logits=True))
+    with pytest.raises(TypeError, match="GoogLeNet"):
+        googlenet.forward_with_aux(zoo.create_model("lenet5", rngs=0), jnp.zeros((1, 32, 32, 1)))
 
 
 def test_googlenet_se_option_adds_one_gate_per_unit():

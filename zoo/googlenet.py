@@ -12,16 +12,12 @@ head global average pool -> dropout 0.4 -> Dense (6,998,552 parameters).
 Auxiliary classifiers (`aux_logits=True`, 13,378,280 parameters), after 4a and
 4d: 5x5/3 average pool, 1x1 conv with 128 maps, Dense 1024, dropout 0.7,
 Dense classes. They are heads for training only and keep the protocol:
-`model(x)` always returns the main logits. In train mode their logits are sown
-as `nnx.Intermediate` values named "aux_logits", but only while someone
-collects them with `nnx.capture` (sowing outside of it is deprecated in flax
-and would store them in the model's state). Read them with
+`model(x)` always returns the main logits and never runs them. Read them with
 
     logits, (aux1, aux2) = googlenet.forward_with_aux(model, x)
 
-or directly: `logits, found = nnx.capture(model, nnx.Intermediate)(x)`, then
-`found["features"]["aux_logits"]` is the tuple (aux1, aux2). In eval mode
-nothing is sown and the tuple is empty. The paper weights their losses by 0.3.
+which returns them as values (nothing is stored in the model). In eval mode
+they do not run and the tuple is empty. The paper weights their losses by 0.3.
 
 `se_reduction=r` puts a squeeze-and-excitation gate (Hu et al. 2017,
 https://arxiv.org/abs/1709.01507) on the output of every Inception unit, the
@@ -39,7 +35,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.classifier import Classifier, Head, dense_head, output_shape
+from zoo.classifier import Classifier, Head, check_images, dense_head, output_shape
 from zoo.layers import Activation, AvgPool, LocalResponseNorm, MaxPool, NamedSequential, SqueezeExcite
 from zoo.registry import ModelSpec, register
 
@@ -129,17 +125,11 @@ class AuxClassifier(nnx.Module):
         return self.head(self.relu(self.conv(self.pool(x))))
 
 
-def _collecting_intermediates(module: nnx.Module) -> bool:
-    # nnx.capture marks every module it runs with a `__captures__` store; `sow` outside of
-    # it is deprecated and would add a Variable to the model that grows on every call.
-    return hasattr(module, "__captures__")
-
-
 class GoogLeNetFeatures(NamedSequential):
     """The backbone (stem and Inception units) with optional auxiliary classifiers.
 
     `deterministic` is set by `model.train()` / `model.eval()` like Dropout's: the
-    auxiliary classifiers run only in train mode, under `nnx.capture`.
+    auxiliary classifiers run only in train mode, and only through `forward_with_aux`.
 
     Args:
         steps: (name, module) pairs of the backbone.
@@ -155,14 +145,17 @@ class GoogLeNetFeatures(NamedSequential):
         self.deterministic = False
 
     def __call__(self, x):
-        collect = bool(self.aux_taps) and not self.deterministic and _collecting_intermediates(self)
+        return self.with_aux(x, run_aux=False)[0]
+
+    def with_aux(self, x, *, run_aux: bool = True):
+        """x: (N, H, W, C) -> ((N, h, w, 1024), auxiliary logits: a tuple of (N, classes), in tap order)."""
+        run_aux = run_aux and not self.deterministic
+        aux_logits = []
         for name in self.step_names:
             x = getattr(self, name)(x)
-            if collect:
-                for tap, aux_name in self.aux_taps:
-                    if tap == name:
-                        self.sow(nnx.Intermediate, "aux_logits", getattr(self, aux_name)(x))
-        return x
+            if run_aux:
+                aux_logits += [getattr(self, aux_name)(x) for tap, aux_name in self.aux_taps if tap == name]
+        return x, tuple(aux_logits)
 
 
 def forward_with_aux(model: Classifier, x):
@@ -172,10 +165,12 @@ def forward_with_aux(model: Classifier, x):
     the tuple is empty in eval mode or without `aux_logits=True`. Works inside
     `nnx.grad` / `nnx.jit`, so a training loss can add 0.3 * each auxiliary loss.
     """
-    logits, found = nnx.capture(model, nnx.Intermediate)(x)
-    aux = found["features"]["aux_logits"].get_value() if "features" in found and \
-        "aux_logits" in found["features"] else ()
-    return logits, tuple(aux)
+    if not isinstance(getattr(model, "features", None), GoogLeNetFeatures):
+        raise TypeError(f"forward_with_aux takes a zoo GoogLeNet, got {type(model).__name__}; "
+                        "other models have no auxiliary classifiers: call model(x)")
+    check_images(x, channels=model.input_shape[-1], min_size=model.min_size, name=model.name)
+    features, aux_logits = model.features.with_aux(x)
+    return model.head(features), aux_logits
 
 
 def build_googlenet(
