@@ -59,6 +59,7 @@ def reference() -> loop.TrainResult:
     (dict(model="lenet"), "Known models: lenet5"),
     (dict(optimizer="rmsprop"), "adamw, sgd"),
     (dict(augment_erase=1.5), r"augment_erase is a probability in \[0, 1\]"),
+    (dict(init_from="no/such/run/model"), "is not a saved model directory"),
 ])
 def test_impossible_settings_fail_before_anything_compiles(monkeypatch, changes, message):
     def no_compiling(*args, **kwargs):
@@ -75,6 +76,21 @@ def test_cli_reports_bad_settings_in_one_line(capsys):
 
     assert main(["train", "lenet5", "--batch-size", "10", "--accumulate", "3"]) == 2
     assert "accumulate=3 must divide batch_size=10" in capsys.readouterr().err
+
+
+def test_init_from_starts_training_from_saved_weights(tmp_path, reference):
+    from zoo import saving
+
+    saved = tmp_path / "model"
+    saving.save_model(reference.model, saved, model_name="lenet5")
+    shape, classes = data.get_source("mnist").image_shape, 10
+    started = saving.flat_state(loop.build_model(TrainConfig(**BASE, init_from=str(saved)), shape, classes))
+    trained = saving.flat_state(reference.model)
+    assert_same_weights(started, trained, rtol=0, atol=0)
+    fresh = saving.flat_state(loop.build_model(TrainConfig(**BASE), shape, classes))
+    assert not all(np.array_equal(fresh[k], trained[k]) for k in fresh)  # two updates moved the weights
+    with pytest.raises(ValueError, match="holds a 'lenet5' model, but model='mnistnet'"):
+        TrainConfig(**{**BASE, "model": "mnistnet", "model_kwargs": {}}, init_from=str(saved)).validate()
 
 
 # ---------------------------------------------------------------------------------------------

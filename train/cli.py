@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(
         model=args.model, dataset=args.dataset, model_kwargs=model_kwargs, data_dir=args.data_dir,
         train_examples=args.train_examples, test_examples=args.test_examples,
-        validation_examples=args.validation_examples, epochs=args.epochs, batch_size=args.batch_size,
+        validation_examples=args.validation_examples, init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size,
         accumulate=args.accumulate, optimizer=args.optimizer, momentum=args.momentum, learning_rate=args.lr,
         schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, ema_decay=args.ema, grad_clip_norm=args.clip,
@@ -105,6 +105,8 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     p.add_argument("--data-parallel", action="store_true", help="split each batch over all devices")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", metavar="DIR", help="start from the weights of a saved model of the same "
+                   "architecture (a run's model/ directory) instead of a random initialization")
     p.add_argument("--out", help="output directory: metrics.jsonl, curves.png, checkpoints/, model/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -32,6 +33,9 @@ class TrainConfig:
         validation_examples: hold out the last N training examples as the validation set that
             picks the best checkpoint; 0 validates on the test split (then the "best" test
             accuracy is chosen on the test set: report the final one, or hold out data).
+        init_from: None (random initialization from the seed), or a saved model directory (a
+            run's model/, `zoo.saving.save_model`) of the same model whose weights training
+            starts from: fine-tuning, or a second stage of a recipe.
     Optimization:
         epochs, batch_size (examples per optimizer update, all devices together),
         accumulate: micro-batches per update (each of batch_size // accumulate examples): the
@@ -71,6 +75,7 @@ class TrainConfig:
     train_examples: int | None = None
     test_examples: int | None = None
     validation_examples: int = 0
+    init_from: str | None = None
 
     epochs: int = 10
     batch_size: int = 128
@@ -156,6 +161,15 @@ class TrainConfig:
             raise ValueError(f"augment_scale must be < 1 (a relative zoom), got {self.augment_scale}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be positive or None, got {self.grad_clip_norm}")
+        if self.init_from is not None:
+            from zoo.saving import CONFIG_FILE, read_config
+
+            if not (Path(self.init_from) / CONFIG_FILE).is_file():
+                raise ValueError(f"init_from={self.init_from!r} is not a saved model directory (no {CONFIG_FILE}); "
+                                 "give a run's model/ directory, e.g. runs/<name>/model")
+            saved = read_config(self.init_from)["model"]
+            if saved != self.model:
+                raise ValueError(f"init_from={self.init_from!r} holds a {saved!r} model, but model={self.model!r}")
         if self.resume and not self.out_dir:
             raise ValueError("resume=True needs out_dir: the checkpoints live in <out_dir>/checkpoints")
         return self

@@ -89,7 +89,13 @@ def build_model(config: TrainConfig, image_shape, num_classes: int, *, dtype=Non
         kwargs["input_size"] = tuple(kwargs["input_size"])
     dtype = dtype if dtype is not None else jnp.dtype(config.dtype)
     # An int seed lets create_model run every initializer in one quick compile.
-    return zoo.create_model(config.model, dtype=dtype, rngs=config.seed, **kwargs)
+    model = zoo.create_model(config.model, dtype=dtype, rngs=config.seed, **kwargs)
+    if config.init_from is not None:
+        from zoo import saving
+
+        weights_path = Path(config.init_from) / saving.WEIGHTS_FILE
+        saving.load_flat_into(model, saving.read_weights(weights_path), source=str(weights_path))
+    return model
 
 
 # XLA's backend optimizations take most of a CPU compile and buy nothing for code that runs once.
