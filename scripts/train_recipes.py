@@ -43,9 +43,11 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from train import data, loop
-    from train.recipes import MINIMAL_LOOP, get_recipe, train_minimal
+    from train.recipes import MINIMAL_LOOP, SHIPPED_AS, get_recipe, train_minimal
 
     config = get_recipe(args.recipe, seed=args.seed)
+    if args.ship and args.recipe not in SHIPPED_AS:  # say so now, not after hours of training
+        raise SystemExit(f"recipe {args.recipe!r} ships no weights; shipping recipes: {', '.join(SHIPPED_AS)}")
     if args.epochs:
         config = dataclasses.replace(config, epochs=args.epochs)
     run_dir = Path(args.out) / f"{args.recipe}-seed{args.seed}"
