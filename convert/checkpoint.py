@@ -54,8 +54,8 @@ def save_fcn(fcn: FCN, directory: str | os.PathLike, *, source: dict) -> Path:
     }
     weights = save({k: np.ascontiguousarray(v) for k, v in saving.flat_state(fcn).items()})
     directory = Path(directory)
-    saving._atomic_write_dir(directory, {saving.WEIGHTS_FILE: weights})
-    saving._atomic_write_dir(directory, {FCN_CONFIG: json.dumps(config, indent=2).encode()})
+    saving.write_files_atomically(directory, {saving.WEIGHTS_FILE: weights})
+    saving.write_files_atomically(directory, {FCN_CONFIG: json.dumps(config, indent=2).encode()})
     return directory
 
 
@@ -86,12 +86,7 @@ def load_fcn(directory: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
     if not path.is_file():
         hint = " (it is a saved classifier: convert it with `zoo convert`)" if (directory / saving.CONFIG_FILE).is_file() else ""
         raise FileNotFoundError(f"{directory} is not a saved fcnzoo FCN: {FCN_CONFIG} is missing{hint}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the saved FCN is damaged") from None
-    if config.get("format") != FCN_FORMAT:
-        raise ValueError(f"{path} is not an fcnzoo FCN config (format={config.get('format')!r})")
+    config = saving.read_json_record(path, FCN_FORMAT, "FCN config")
     source = config["source"]
     kwargs = dict(source["kwargs"])
     if isinstance(kwargs.get("input_size"), list):

@@ -468,3 +468,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (tmp_path / "clf").mkdir()
         (tmp_path / "clf" / "model.json").write_text("{}")
         convert.load_fcn(tmp_path / "clf")
+
+
+@pytest.mark.parametrize("kind", ["model", "fcn", "pretrained"])
+def test_damaged_or_foreign_json_records_are_refused(tmp_path, kind):
+    from zoo import pretrained, saving
+
+    readers = {  # file name, what reads it
+        "model": ("model.json", lambda: saving.load_model(tmp_path)),
+        "fcn": ("fcn.json", lambda: convert.load_fcn(tmp_path)),
+        "pretrained": ("lenet5-x.json", lambda: pretrained.metadata("lenet5", "x", weights_dir=tmp_path)),
+    }
+    name, read = readers[kind]
+    (tmp_path / "lenet5-x.safetensors").write_bytes(b"")  # shipped weights are listed only with their file
+    (tmp_path / name).write_text('{"format": "fcnzoo-')  # cut short while being written by hand
+    with pytest.raises(ValueError, match=rf"{name} is not valid JSON .*damaged"):
+        read()
+    (tmp_path / name).write_text('{"format": "keras"}')
+    with pytest.raises(ValueError, match=rf"{name} is not an fcnzoo .*format='keras', expected 'fcnzoo-"):
+        read()
+    (tmp_path / name).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{name} is not an fcnzoo .*format='list'"):
+        read()

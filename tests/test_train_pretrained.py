@@ -13,7 +13,7 @@ import pytest
 
 import zoo
 from train import data
-from zoo import pretrained
+from zoo import pretrained, saving
 from zoo.saving import save_model
 
 
@@ -39,7 +39,7 @@ def test_export_then_load_gives_the_same_model(shipped):
     model.eval()
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
     meta = pretrained.metadata("lenet5", "unit", weights_dir)
-    assert meta["sha256"] == pretrained.sha256_file(weights_dir / "lenet5-unit.safetensors")
+    assert meta["sha256"] == saving.sha256_file(weights_dir / "lenet5-unit.safetensors")
     assert meta["input_shape"] == [28, 28, 1] and meta["dataset"] == "mnist"
 
 

@@ -161,14 +161,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def idx_bytes(array: np.ndarray) -> bytes:
     """The IDX encoding of a uint8 array: magic (0, 0, 0x08, ndim), big-endian int32 dims, data."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

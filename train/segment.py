@@ -415,7 +415,7 @@ def shipped_metadata(variant: str = "fcn8s", tag: str = DEFAULT_TAG, weights_dir
 def load_shipped(variant: str = "fcn8s", tag: str = DEFAULT_TAG, *, weights_dir=None) -> sm.SegmentationFCN:
     """The shipped FCN-32s/16s/8s, offline, sha256 checked, in eval mode."""
     import zoo
-    from zoo.pretrained import sha256_file
+    from zoo.saving import sha256_file
     from zoo.saving import load_flat_into, read_weights
 
     if variant not in sm.VARIANTS:

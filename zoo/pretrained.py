@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from zoo.saving import (CONFIG_FILE, WEIGHTS_FILE, load_flat_into, read_config, read_json_record, read_weights,
+                         sha256_file, write_files_atomically)
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FORMAT = "fcnzoo-pretrained"
 TAG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
@@ -57,21 +60,7 @@ def metadata(model_name: str, tag: str, weights_dir: str | os.PathLike | None = 
             f"no pretrained weights {tag!r} for {model_name}; "
             + (f"available: {', '.join(tags)}." if tags else "this model has none.")
             + " `zoo list` shows which models have weights.")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); the shipped metadata is damaged") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} is not fcnzoo pretrained metadata (format={meta.get('format')!r})")
-    return meta
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return read_json_record(meta_path, FORMAT, "pretrained metadata")
 
 
 def load(model_name: str, tag: str, *, dtype=None, weights_dir: str | os.PathLike | None = None, **options):
@@ -87,7 +76,6 @@ def load(model_name: str, tag: str, *, dtype=None, weights_dir: str | os.PathLik
     import jax.numpy as jnp
 
     from zoo.registry import create_model
-    from zoo.saving import load_flat_into, read_weights
 
     meta = metadata(model_name, tag, weights_dir)
     weights_path, meta_path = _paths(model_name, tag, weights_dir)
@@ -136,8 +124,6 @@ def export(saved_model_dir: str | os.PathLike, tag: str, *, weights_dir: str | o
     The saved metadata must hold "dataset", "test_accuracy", "preprocessing" and "input_shape"
     (the training loop writes them). Returns (weights path, metadata path).
     """
-    from zoo.saving import CONFIG_FILE, WEIGHTS_FILE, read_config, read_weights
-
     if not TAG_PATTERN.match(tag):
         raise ValueError(f"tag {tag!r} must be lowercase letters, digits, '_' or '.', e.g. 'mnist'")
     saved_model_dir = Path(saved_model_dir)
@@ -149,7 +135,6 @@ def export(saved_model_dir: str | os.PathLike, tag: str, *, weights_dir: str | o
                          f"the training loop (train.loop.train), or add them")
     read_weights(saved_model_dir / WEIGHTS_FILE)  # refuse to ship an unreadable file
     weights_path, meta_path = _paths(config["model"], tag, weights_dir)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
     data = (saved_model_dir / WEIGHTS_FILE).read_bytes()
     meta = {
         "format": FORMAT, "model": config["model"], "tag": tag, "kwargs": config["kwargs"],
@@ -160,8 +145,7 @@ def export(saved_model_dir: str | os.PathLike, tag: str, *, weights_dir: str | o
                   if k not in ("dataset", "test_accuracy", "preprocessing", "input_shape")},
         **(extra or {}),
     }
-    tmp = weights_path.with_name(f".{weights_path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, weights_path)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    # Weights first, metadata last: an interrupted export leaves no metadata pointing at a partial file.
+    write_files_atomically(weights_path.parent, {weights_path.name: data})
+    write_files_atomically(meta_path.parent, {meta_path.name: (json.dumps(meta, indent=2) + "\n").encode()})
     return weights_path, meta_path

@@ -14,6 +14,7 @@ foreign checkpoints (`load_flat_into`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -99,7 +100,7 @@ def load_flat_into(
     return model
 
 
-def _atomic_write_dir(directory: Path, files: dict[str, bytes]) -> None:
+def write_files_atomically(directory: Path, files: dict[str, bytes]) -> None:
     """Write files into `directory` so a crash never leaves a half-written model behind."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -127,9 +128,34 @@ def save_model(model: nnx.Module, directory: str | os.PathLike, *, model_name: s
               "metadata": dict(metadata or {})}
     weights = save({k: np.ascontiguousarray(v) for k, v in flat_state(model).items()})
     # Weights first, config last: a directory with a config always has its weights.
-    _atomic_write_dir(directory, {WEIGHTS_FILE: weights})
-    _atomic_write_dir(directory, {CONFIG_FILE: json.dumps(config, indent=2).encode()})
+    write_files_atomically(directory, {WEIGHTS_FILE: weights})
+    write_files_atomically(directory, {CONFIG_FILE: json.dumps(config, indent=2).encode()})
     return directory
+
+
+def read_json_record(path: Path, expected_format: str, what: str) -> dict[str, Any]:
+    """The JSON object at `path`, checked to carry `"format": expected_format`.
+
+    `what` names the record in errors ("saved model", ...): damaged JSON or another format gives a
+    ValueError that says which file and what it should have been.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the {what} is damaged") from None
+    if not isinstance(record, dict) or record.get("format") != expected_format:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{path} is not an fcnzoo {what} (format={found!r}, expected {expected_format!r})")
+    return record
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -137,13 +163,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a saved fcnzoo model: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the saved model is damaged") from None
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an fcnzoo model config (format={config.get('format')!r})")
-    return config
+    return read_json_record(path, FORMAT, "saved model")
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
