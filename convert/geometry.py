@@ -158,14 +158,19 @@ def _measure_block(layer: Callable, in_shape: tuple[int, ...]) -> tuple[list[tup
     out_shape = _shape_of(layer, shape)
     centre = (out_shape[1] // 2, out_shape[2] // 2)
 
+    # Three random inputs and output weightings, one compiled call per cell.
+    probes, weightings = zip(*((np.random.default_rng(seed).standard_normal(shape),
+                                np.random.default_rng(seed + 100).standard_normal(out_shape[-1])) for seed in range(3)))
+    probes, weightings = jnp.asarray(np.stack(probes), jnp.float32), jnp.asarray(np.stack(weightings), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def touched(cell, probes, weightings):
+        grad_one = jax.grad(lambda x, w: jnp.sum(fn(x)[0, cell[0], cell[1]] * w))
+        grads = jax.vmap(grad_one)(probes, weightings)  # (3, 1, H, W, C)
+        return jnp.any(grads[:, 0] != 0, axis=(0, 3))
+
     def support_of(cell):
-        support = np.zeros(size, bool)
-        for seed in range(3):
-            rng = np.random.default_rng(seed)
-            x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-            weights = jnp.asarray(rng.standard_normal(out_shape[-1]), jnp.float32)
-            grad = jax.grad(lambda x: jnp.sum(fn(x)[0, cell[0], cell[1]] * weights))(x)
-            support |= np.asarray(jnp.any(grad[0] != 0, axis=-1))
+        support = np.asarray(touched(cell, probes, weightings))
         return np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
 
     rows, cols = support_of(centre)

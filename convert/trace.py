@@ -130,6 +130,20 @@ def pool_kind(fn: Callable, in_shape: tuple[int, ...], out_shape: tuple[int, ...
     return None
 
 
+def _direct_layers(module: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """(name, submodule) for each public attribute that is a module, with lists of modules
+    (`nnx.List`, e.g. a ResNet stage) opened into "stage1.0", "stage1.1", ..."""
+    layers = []
+    for name, child in vars(module).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(child, (nnx.List, list, tuple)):
+            layers += [(f"{name}.{i}", c) for i, c in enumerate(child) if isinstance(c, nnx.Module)]
+        elif isinstance(child, nnx.Module):
+            layers.append((name, child))
+    return layers
+
+
 def _record_chain(module: nnx.Module, in_shape: tuple[int, ...], dtype) -> list[Step]:
     """The submodules `module.__call__` calls, in order, checked to form a plain chain.
 
@@ -150,9 +164,8 @@ def _record_chain(module: nnx.Module, in_shape: tuple[int, ...], dtype) -> list[
 
     def run(state, x):
         copy = nnx.merge(graphdef, state)
-        for name, child in list(vars(copy).items()):
-            if isinstance(child, nnx.Module) and not name.startswith("_"):
-                child.__class__ = recording(name, type(child))
+        for name, child in _direct_layers(copy):
+            child.__class__ = recording(name, type(child))
         model_io["in"] = x
         y = copy(x)
         model_io["out"] = y
@@ -170,7 +183,7 @@ def _record_chain(module: nnx.Module, in_shape: tuple[int, ...], dtype) -> list[
                 f"cannot read {type(module).__name__} as a chain of layers: submodule {name!r} is not called on "
                 f"the previous layer's output (something else happens between the layers, e.g. a plain "
                 f"function call or a skip connection). {how}")
-        steps.append(Step(name, getattr(module, name), tuple(current.shape), tuple(out.shape)))
+        steps.append(Step(name, dict(_direct_layers(module))[name], tuple(current.shape), tuple(out.shape)))
         current = out
     if current is not model_io["out"]:
         raise ConversionError(
