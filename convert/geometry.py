@@ -36,6 +36,10 @@ from zoo.layers import Activation, AvgPool, LocalResponseNorm, MaxPool
 # Probe size for blocks measured by gradient: larger than any single block's reach,
 # so a block whose gradient covers all of it looks at the whole map (e.g. squeeze-excitation).
 MEASURE_SIZE = 33
+# Relative sensitivity below which a global block's pixels count as outside its local window:
+# through a spatial mean on a 33x33 probe they stand at 2e-5 to 3e-4 (EfficientNet-B0's blocks,
+# random weights), inside the window at 1e-2 and above.
+GLOBAL_PART_LEVEL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,31 +162,44 @@ def _measure_block(layer: Callable, in_shape: tuple[int, ...]) -> tuple[list[tup
     out_shape = _shape_of(layer, shape)
     centre = (out_shape[1] // 2, out_shape[2] // 2)
 
-    # Three random inputs and output weightings, one compiled call per cell.
+    # Three random inputs and output weightings; one compiled call measures both cells on all three.
     probes, weightings = zip(*((np.random.default_rng(seed).standard_normal(shape),
                                 np.random.default_rng(seed + 100).standard_normal(out_shape[-1])) for seed in range(3)))
     probes, weightings = jnp.asarray(np.stack(probes), jnp.float32), jnp.asarray(np.stack(weightings), jnp.float32)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def touched(cell, probes, weightings):
-        grad_one = jax.grad(lambda x, w: jnp.sum(fn(x)[0, cell[0], cell[1]] * w))
-        grads = jax.vmap(grad_one)(probes, weightings)  # (3, 1, H, W, C)
-        return jnp.any(grads[:, 0] != 0, axis=(0, 3))
-
-    def support_of(cell):
-        support = np.asarray(touched(cell, probes, weightings))
-        return np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
-
-    rows, cols = support_of(centre)
     # The stride is how far the window moves from one cell to the next (shapes alone cannot
     # tell VALID from SAME); with a single cell in an axis, the size ratio is all there is.
     neighbour = (min(centre[0] + 1, out_shape[1] - 1), min(centre[1] + 1, out_shape[2] - 1))
-    next_rows, next_cols = support_of(neighbour) if neighbour != centre else (rows, cols)
+
+    @jax.jit
+    def sensitivity(probes, weightings):
+        """(2, H, W) for the centre and neighbour cells: max over inputs and channels of
+        |d cell / d pixel|, each input's map scaled to max 1."""
+        def maps(x, w):
+            return jax.jacrev(lambda x: fn(x)[0, (centre[0], neighbour[0]), (centre[1], neighbour[1])] @ w)(x)
+
+        grads = jnp.abs(jax.vmap(maps)(probes, weightings)[:, :, 0]).max(axis=-1)  # (3, 2, H, W)
+        return (grads / jnp.maximum(grads.max(axis=(2, 3), keepdims=True), 1e-30)).max(axis=0)
+
+    centre_map, neighbour_map = np.asarray(sensitivity(probes, weightings))
+
+    def support(sensitivity_map, threshold):
+        inside = sensitivity_map > threshold
+        return np.nonzero(inside.any(axis=1))[0], np.nonzero(inside.any(axis=0))[0]
+
+    rows, cols = support(centre_map, 0.0)
+    whole = rows[0] == 0 and rows[-1] == size[0] - 1 and cols[0] == 0 and cols[-1] == size[1] - 1
+    # A block with global context (squeeze-excitation's spatial mean) reaches every pixel, but only
+    # through a 1/(H*W) factor: its local window is where the sensitivity stands far above that.
+    threshold = GLOBAL_PART_LEVEL if whole else 0.0
+    rows, cols = support(centre_map, threshold)
+    next_rows, next_cols = support(neighbour_map, threshold) if neighbour != centre else (rows, cols)
     result = []
     for axis, (idx, nxt) in enumerate(((rows, next_rows), (cols, next_cols))):
         if idx.size == 0:
             raise _NotWalkable("its centre cell does not depend on its input")
-        if neighbour[axis] != centre[axis] and nxt.size:
+        clipped = idx[0] == 0 and idx[-1] == size[axis] - 1  # the window does not fit in the probe
+        if neighbour[axis] != centre[axis] and nxt.size and not clipped:
             stride = max(1, int(nxt[0] - idx[0]))
         else:
             stride = max(1, round(size[axis] / out_shape[axis + 1]))
@@ -191,7 +208,6 @@ def _measure_block(layer: Callable, in_shape: tuple[int, ...]) -> tuple[list[tup
         valid_cells = (size[axis] - kernel) // stride + 1
         pad_total = max(pad_before, 0) + max(out_shape[axis + 1] - valid_cells, 0) * stride
         result.append((kernel, stride, pad_before, pad_total))
-    whole = rows[0] == 0 and rows[-1] == size[0] - 1 and cols[0] == 0 and cols[-1] == size[1] - 1
     return result, bool(whole)
 
 

@@ -380,6 +380,23 @@ def test_resnet18_geometry_by_hand():
     assert g.offset == (-5 - sum(jumps),) * 2 == (-217, -217)
 
 
+def test_efficientnet_b0_geometry_by_hand():
+    """Squeeze-excitation reaches every pixel through a spatial mean: flagged as global context, while
+    the receptive field counts only the local windows (the depthwise kernels)."""
+    model = zoo.create_model("efficientnet_b0", num_classes=3, input_size=64, rngs=0)
+    model.eval()
+    g = walk_geometry(model.features, (64, 64, 3))
+    # Stem conv 3/2: r 3, j 2. Each MBConv adds (k - 1) * j for its depthwise k x k, then j *= stride.
+    # B0's stages (Tan & Le, table 1): (kernel, stride, blocks) below.
+    field, jump = 3, 2
+    for kernel, stride, blocks in ((3, 1, 1), (3, 2, 2), (5, 2, 2), (3, 2, 3), (5, 1, 3), (5, 2, 4), (3, 1, 1)):
+        for b in range(blocks):
+            field += (kernel - 1) * jump
+            jump *= stride if b == 0 else 1
+    assert (field, jump) == (851, 32)
+    assert g.stride == (jump, jump) and g.receptive_field == (field, field) and g.global_context
+
+
 # ---------------------------------------------------------------- bad input
 def test_dense_inside_the_backbone_is_refused_by_name():
     rngs = nnx.Rngs(0)
