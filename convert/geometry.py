@@ -220,6 +220,7 @@ def walk_geometry(backbone: Callable, input_shape: tuple[int, int, int], *, meas
     """
     axes = [_Axis(), _Axis()]
     flags = {"measured": False, "global": False}
+    measured: dict = {}
 
     def visit(layer, shape):
         out = _shape_of(layer, shape)
@@ -244,7 +245,12 @@ def walk_geometry(backbone: Callable, input_shape: tuple[int, int, int], *, meas
                 for sub, _ in steps:
                     current = visit(sub, current)
                 return out
-        per_axis, whole = _measure_block(layer, shape)
+        # Blocks of one structure on one input shape (a stage's repeated blocks) measure alike:
+        # measure each kind once.
+        key = (nnx.graphdef(layer), shape) if isinstance(layer, nnx.Module) else (id(layer), shape)
+        if key not in measured:
+            measured[key] = _measure_block(layer, shape)
+        per_axis, whole = measured[key]
         flags["measured"] = True
         flags["global"] |= whole
         for axis, (kernel, stride, before, total) in enumerate(per_axis):

@@ -26,7 +26,7 @@ from model_sets import smallest_of_each_family
 from convert import ConversionError, to_fcn
 from convert.geometry import shape_geometry, walk_geometry
 from zoo.classifier import Classifier, dense_head
-from zoo.layers import Activation, Flatten, GlobalAvgPool, MaxPool
+from zoo.layers import Activation, Flatten, GlobalAvgPool, MaxPool, SqueezeExcite
 
 TOL = 1e-5
 
@@ -380,21 +380,29 @@ def test_resnet18_geometry_by_hand():
     assert g.offset == (-5 - sum(jumps),) * 2 == (-217, -217)
 
 
-def test_efficientnet_b0_geometry_by_hand():
-    """Squeeze-excitation reaches every pixel through a spatial mean: flagged as global context, while
-    the receptive field counts only the local windows (the depthwise kernels)."""
-    model = zoo.create_model("efficientnet_b0", num_classes=3, input_size=64, rngs=0)
-    model.eval()
-    g = walk_geometry(model.features, (64, 64, 3))
-    # Stem conv 3/2: r 3, j 2. Each MBConv adds (k - 1) * j for its depthwise k x k, then j *= stride.
-    # B0's stages (Tan & Le, table 1): (kernel, stride, blocks) below.
-    field, jump = 3, 2
-    for kernel, stride, blocks in ((3, 1, 1), (3, 2, 2), (5, 2, 2), (3, 2, 3), (5, 1, 3), (5, 2, 4), (3, 1, 1)):
-        for b in range(blocks):
-            field += (kernel - 1) * jump
-            jump *= stride if b == 0 else 1
-    assert (field, jump) == (851, 32)
-    assert g.stride == (jump, jump) and g.receptive_field == (field, field) and g.global_context
+class DepthwiseSEResidual(nnx.Module):
+    """x + SE(depthwise 5x5(x)): one block (not a chain) with a local window and global context."""
+
+    def __init__(self, channels: int, rngs: nnx.Rngs):
+        self.depthwise = nnx.Conv(channels, channels, (5, 5), padding="SAME", feature_group_count=channels, rngs=rngs)
+        self.se = SqueezeExcite(channels, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.se(self.depthwise(x))
+
+
+def test_squeeze_excitation_geometry_by_hand():
+    """SE reaches every pixel through a spatial mean: the walk flags global context, and the field
+    counts only the local windows (as in EfficientNet's MBConv blocks: B0's field measures 851,
+    its hand value, see docs/BENCHMARKS.md)."""
+    rngs = nnx.Rngs(0)
+    features = nnx.Sequential(nnx.Conv(3, 8, (3, 3), strides=2, padding="SAME", rngs=rngs),
+                              DepthwiseSEResidual(8, rngs), SqueezeExcite(8, 2, rngs=rngs),
+                              nnx.Conv(8, 8, (3, 3), padding="SAME", rngs=rngs))
+    g = walk_geometry(features, (32, 32, 3))
+    # conv 3/2: r 3, j 2; the block's depthwise 5: + 4 * 2 = 11; SE alone: + 0; conv 3: + 2 * 2 = 15.
+    # (Counting the 33-pixel probes the SE gradients cover would give 3 + 2*32*2 + 4 = 135 instead.)
+    assert g.stride == (2, 2) and g.receptive_field == (15, 15) and g.global_context and g.method == "measured"
 
 
 # ---------------------------------------------------------------- bad input
