@@ -368,9 +368,9 @@ def test_alexnet_geometry_by_hand():
 
 def test_resnet18_geometry_by_hand():
     """ResNet stages are `nnx.List`s of residual blocks: the walk opens them and measures block by block."""
-    model = zoo.create_model("resnet18", num_classes=3, input_size=64, rngs=0)
+    model = zoo.create_model("resnet18", num_classes=3, input_size=32, rngs=0)
     model.eval()
-    g = walk_geometry(model.features, (64, 64, 3))
+    g = walk_geometry(model.features, (32, 32, 3))  # a 32 px image: the 435 px field is the network's
     # stem conv 7/2 pad 3: r 7, a -3; max pool 3/2 pad 1: r 11, j 4, a -5. Then 16 convs 3x3 pad 1,
     # each adding 2*j to r and -j to a; the first conv of stages 2-4 has stride 2 (j doubles after it):
     # stage 1: 4 at j 4; stage 2: 1 at j 4, 3 at j 8; stage 3: 1 at 8, 3 at 16; stage 4: 1 at 16, 3 at 32.
