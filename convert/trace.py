@@ -175,6 +175,7 @@ def _record_chain(module: nnx.Module, in_shape: tuple[int, ...], dtype) -> list[
     how = ("Write the whole forward pass as a chain of layers (`nnx.Sequential`, or submodules each "
            "called on the previous one's output, using zoo.layers.Activation / Flatten for functions), "
            "or follow the zoo protocol: expose `features` (the backbone) and `head` (zoo.classifier.Head).")
+    layers = dict(_direct_layers(module))
     steps: list[Step] = []
     current = model_io["in"]
     for name, args, kwargs, out in calls:
@@ -183,7 +184,7 @@ def _record_chain(module: nnx.Module, in_shape: tuple[int, ...], dtype) -> list[
                 f"cannot read {type(module).__name__} as a chain of layers: submodule {name!r} is not called on "
                 f"the previous layer's output (something else happens between the layers, e.g. a plain "
                 f"function call or a skip connection). {how}")
-        steps.append(Step(name, dict(_direct_layers(module))[name], tuple(current.shape), tuple(out.shape)))
+        steps.append(Step(name, layers[name], tuple(current.shape), tuple(out.shape)))
         current = out
     if current is not model_io["out"]:
         raise ConversionError(

@@ -43,15 +43,15 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     from train import data, loop
-    from train.recipes import MINIMAL_LOOP, SHIPPED_AS, get_recipe, train_minimal
+    from train.recipes import MINIMAL_LOOP, SHIPPED_AS, get_recipe, run_dir, train_minimal
 
     config = get_recipe(args.recipe, seed=args.seed)
     if args.ship and args.recipe not in SHIPPED_AS:  # say so now, not after hours of training
         raise SystemExit(f"recipe {args.recipe!r} ships no weights; shipping recipes: {', '.join(SHIPPED_AS)}")
     if args.epochs:
         config = dataclasses.replace(config, epochs=args.epochs)
-    run_dir = Path(args.out) / f"{args.recipe}-seed{args.seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(run_dir(args.recipe, args.seed, args.out))
+    out_dir.mkdir(parents=True, exist_ok=True)
     data.prepare(config.dataset, config.data_dir, quiet=True)
     which_loop = args.loop or ("train_minimal" if args.recipe in MINIMAL_LOOP else "train.loop.train")
     started = time.perf_counter()
@@ -64,10 +64,10 @@ def cmd_run(args) -> int:
     seconds = time.perf_counter() - started
     source = data.get_source(config.dataset)
     steps_per_epoch = steps // config.epochs
-    loop.save_trained_model(model, run_dir / "model", config, source,
+    loop.save_trained_model(model, out_dir / "model", config, source,
                             test_accuracy, steps, steps_per_epoch)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    loop.plot_curves(history, run_dir / "curves.png", title=f"{config.model} on {config.dataset}")
+    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    loop.plot_curves(history, out_dir / "curves.png", title=f"{config.model} on {config.dataset}")
     summary = {
         "recipe": args.recipe, "seed": args.seed, "model": config.model, "dataset": config.dataset,
         "test_accuracy": test_accuracy, "epochs": config.epochs, "steps": steps,
@@ -75,10 +75,10 @@ def cmd_run(args) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "loop": which_loop, "config": config.to_dict(), "history": history,
     }
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("recipe", "seed", "test_accuracy", "wall_seconds")}))
     if args.ship:
-        ship(run_dir)
+        ship(out_dir)
     return 0
 
 

@@ -102,6 +102,11 @@ def mnistnet_large_fashion_mnist_erase(seed: int = 0) -> TrainConfig:
     return dataclasses.replace(mnistnet_large_fashion_mnist(seed), augment_erase=0.5)
 
 
+def run_dir(recipe: str, seed: int, out: str = "runs") -> str:
+    """Where `scripts/train_recipes.py run RECIPE --seed S --out OUT` writes its run; the model is in model/."""
+    return f"{out}/{recipe}-seed{seed}"
+
+
 def mnistnet_large_fashion_mnist_more(seed: int = 0) -> TrainConfig:
     """Stage 2 of mnistnet_large on Fashion-MNIST: 6 more epochs from stage 1's weights, peak lr 1/6.
 
@@ -111,7 +116,7 @@ def mnistnet_large_fashion_mnist_more(seed: int = 0) -> TrainConfig:
     Result and time: docs/BENCHMARKS.md (training results).
     """
     return dataclasses.replace(mnistnet_large_fashion_mnist(seed), epochs=6, learning_rate=5e-4, warmup_epochs=1.0,
-                               init_from=f"runs/mnistnet_large_fashion_mnist-seed{seed}/model")
+                               init_from=run_dir("mnistnet_large_fashion_mnist", seed) + "/model")
 
 
 def mnistnet_large_fashion_mnist_third(seed: int = 0) -> TrainConfig:
@@ -123,7 +128,7 @@ def mnistnet_large_fashion_mnist_third(seed: int = 0) -> TrainConfig:
     Result and time: docs/BENCHMARKS.md (training results).
     """
     return dataclasses.replace(mnistnet_large_fashion_mnist_more(seed), epochs=8,
-                               init_from=f"runs/mnistnet_large_fashion_mnist_more-seed{seed}/model")
+                               init_from=run_dir("mnistnet_large_fashion_mnist_more", seed) + "/model")
 
 
 def mnistnet_large_fashion_mnist_fourth(seed: int = 0) -> TrainConfig:
@@ -135,7 +140,7 @@ def mnistnet_large_fashion_mnist_fourth(seed: int = 0) -> TrainConfig:
     Result and time: docs/BENCHMARKS.md (training results).
     """
     return dataclasses.replace(mnistnet_large_fashion_mnist_more(seed), learning_rate=3e-4,
-                               init_from=f"runs/mnistnet_large_fashion_mnist_third-seed{seed}/model")
+                               init_from=run_dir("mnistnet_large_fashion_mnist_third", seed) + "/model")
 
 
 def fast_mnist(seed: int = 0) -> TrainConfig:

@@ -415,8 +415,7 @@ def shipped_metadata(variant: str = "fcn8s", tag: str = DEFAULT_TAG, weights_dir
 def load_shipped(variant: str = "fcn8s", tag: str = DEFAULT_TAG, *, weights_dir=None) -> sm.SegmentationFCN:
     """The shipped FCN-32s/16s/8s, offline, sha256 checked, in eval mode."""
     import zoo
-    from zoo.saving import sha256_file
-    from zoo.saving import load_flat_into, read_weights
+    from zoo.saving import load_flat_into, read_weights, sha256_file
 
     if variant not in sm.VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(sm.VARIANTS)}")
