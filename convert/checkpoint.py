@@ -91,10 +91,10 @@ def load_fcn(directory: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
     kwargs = dict(source["kwargs"])
     if isinstance(kwargs.get("input_size"), list):
         kwargs["input_size"] = tuple(kwargs["input_size"])
-    backbone = zoo.create_model(source["model"], dtype=dtype, include_top=False, **kwargs).features
-    fcn = FCN(backbone, _head_from_spec(config["head"], dtype), head_spec=config["head"],
+    features_model = zoo.create_model(source["model"], dtype=dtype, include_top=False, **kwargs)
+    fcn = FCN(features_model.features, _head_from_spec(config["head"], dtype), head_spec=config["head"],
               input_shape=config["input_shape"], feature_shape=config["feature_shape"], pool=config["pool"],
-              source=source["model"])
+              source=source["model"], stages=features_model.stages)
     saving.load_flat_into(fcn, saving.read_weights(directory / saving.WEIGHTS_FILE),
                           source=str(directory / saving.WEIGHTS_FILE))
     fcn.eval()

@@ -35,6 +35,7 @@ from convert.trace import (ConversionError, Step, _shape_of, activation_name, fo
                            is_elementwise, is_per_position, layer_label, pool_kind)
 from zoo.classifier import check_images
 from zoo.layers import Activation, AvgPool
+from zoo.stages import Stage, find_stages
 
 
 class Elementwise(nnx.Module):
@@ -92,11 +93,12 @@ class FCN(nnx.Module):
         feature_shape: (h, w, c) of the backbone at that size.
         pool: "flatten" or "avg", the source head's pool step.
         source: the source model's name.
+        stages: the backbone's stages (`zoo.stages.Stage`), what the segmentation decoders read.
     x: (N, H', W', C) -> (N, h', w', K)
     """
 
     def __init__(self, backbone: Callable, head: Sequence[nnx.Module], *, head_spec: list[dict],
-                 input_shape, feature_shape, pool: str, source: str):
+                 input_shape, feature_shape, pool: str, source: str, stages: Sequence[Stage] = ()):
         if isinstance(backbone, nnx.Module):
             use_fast_valid_pools(backbone)
         self.backbone = backbone
@@ -106,7 +108,13 @@ class FCN(nnx.Module):
         self.feature_shape = tuple(feature_shape)
         self.pool = pool
         self.source = source
+        self.stages_json = json.dumps([s.to_dict() for s in stages])
         self._geometry: tuple | None = None
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The backbone's stages (name, stride, channels), coarsest last."""
+        return [Stage(**d) for d in json.loads(self.stages_json)]
 
     # -- geometry -------------------------------------------------------------------------------
     def backbone_geometry(self) -> Geometry:
@@ -313,6 +321,7 @@ def to_fcn(model: Callable, input_shape: Sequence[int] | None = None, *, name: s
         backbone = nnx.clone(model.features)
         pool = head_obj.pool
         head_layers = [(f"head.layers.{i}", layer) for i, layer in enumerate(head_obj.layers)]
+        stages = tuple(getattr(model, "stages", ()))
     elif hasattr(model, "features") and hasattr(model, "head") and head_obj is None:
         raise ConversionError(f"{name} has no head (include_top=False): it is already fully convolutional")
     else:
@@ -320,11 +329,14 @@ def to_fcn(model: Callable, input_shape: Sequence[int] | None = None, *, name: s
         pool = pool_kind(pool_step.layer, pool_step.in_shape, pool_step.out_shape)
         backbone = nnx.clone(nnx.Sequential(*[s.layer for s in before]))
         head_layers = [(s.name, s.layer) for s in head]
+        stages = ()
     feature_shape = _shape_of(backbone, (1, *input_shape))
     if len(feature_shape) != 4:
         raise ConversionError(f"the backbone of {name} returns shape {feature_shape}, not a (N, h, w, c) map")
     modules, spec = convert_head(pool, head_layers, feature_shape[1:])
+    if not stages:
+        stages = find_stages(backbone, input_shape)
     fcn = FCN(backbone, modules, head_spec=[{"op": pool + "_head"}, *spec], input_shape=input_shape,
-              feature_shape=feature_shape[1:], pool=pool, source=name)
+              feature_shape=feature_shape[1:], pool=pool, source=name, stages=stages)
     fcn.eval()
     return fcn

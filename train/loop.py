@@ -79,38 +79,29 @@ class TrainResult:
 # model construction
 
 
-def build_model(config: TrainConfig, image_shape, num_classes: int, *, dtype=None) -> nnx.Module:
-    """The registry model for `config`, sized for the data set (kwargs from config.model_kwargs win)."""
-    import zoo
-
-    kwargs = dict(num_classes=num_classes, input_size=tuple(image_shape[:2]), in_channels=image_shape[2])
-    kwargs.update(config.model_kwargs)
-    if isinstance(kwargs.get("input_size"), list):
-        kwargs["input_size"] = tuple(kwargs["input_size"])
-    dtype = dtype if dtype is not None else jnp.dtype(config.dtype)
-    # An int seed lets create_model run every initializer in one quick compile.
-    model = zoo.create_model(config.model, dtype=dtype, rngs=config.seed, **kwargs)
-    if config.init_from is not None:
-        from zoo import saving
-
-        weights_path = Path(config.init_from) / saving.WEIGHTS_FILE
-        saving.load_flat_into(model, saving.read_weights(weights_path), source=str(weights_path))
-    return model
-
-
 # XLA's backend optimizations take most of a CPU compile and buy nothing for code that runs once.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def init_model(config: TrainConfig, image_shape, num_classes: int) -> nnx.Module:
-    """The model a run starts from (a seam the tests replace)."""
-    return build_model(config, image_shape, num_classes)
+def init_model(config: TrainConfig, task) -> nnx.Module:
+    """The network a run starts from, in train mode (a seam the tests replace)."""
+    return task.build()
 
 
-def model_kwargs_for_saving(config: TrainConfig, image_shape, num_classes: int) -> dict[str, Any]:
-    kwargs = dict(num_classes=num_classes, input_size=list(image_shape[:2]), in_channels=image_shape[2])
-    kwargs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model_kwargs.items()})
-    return kwargs
+def split_model(model: nnx.Module):
+    """(graphdef, params, RNG keys, RNG counts, other): "other" is what is neither a Param nor an
+    RNG state (BatchNorm statistics). Keys never change; counts advance with every dropout mask."""
+    return nnx.split(model, nnx.Param, nnx.RngKey, nnx.RngCount, ...)
+
+
+def freeze_batchnorm(model: nnx.Module) -> int:
+    """Make every nnx.BatchNorm use its running statistics in train mode too (dropout stays on).
+
+    Returns the number of BatchNorm layers frozen."""
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+    for layer in layers:
+        layer.use_running_average = True
+    return len(layers)
 
 
 def remat_blocks(model: nnx.Module) -> int:

@@ -7,13 +7,16 @@
 """
 
 from zoo.classifier import Classifier, Head, check_images, dense_head, output_shape
-from zoo.registry import ModelSpec, count_params, create_model, eval_shape, get_spec, list_models, register
+from zoo.registry import (ModelSpec, count_params, create_model, eval_shape, get_spec, list_models, load_pretrained,
+                          register)
+from zoo.stages import FeatureExtractor, Stage, backbone_steps, find_stages, stage_maps
 
 # Each family file registers its variants when imported.
 from zoo import lenet, alexnet, vgg, googlenet, resnet, xception, efficientnet, mnistnet  # noqa: E402,F401
 from zoo.summary import summarize  # noqa: E402
 
 __all__ = [
-    "Classifier", "Head", "ModelSpec", "check_images", "count_params", "create_model",
-    "dense_head", "eval_shape", "get_spec", "list_models", "output_shape", "register", "summarize",
+    "Classifier", "FeatureExtractor", "Head", "ModelSpec", "Stage", "backbone_steps", "check_images",
+    "count_params", "create_model", "dense_head", "eval_shape", "find_stages", "get_spec", "list_models",
+    "output_shape", "register", "stage_maps", "summarize",
 ]

@@ -28,6 +28,7 @@ from flax import nnx
 from zoo.classifier import Classifier, dense_head, output_shape
 from zoo.layers import Activation, LocalResponseNorm, MaxPool, NamedSequential
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage, last_at_each_stride
 
 # The convolution table: (name, output maps, kernel, stride, padding, grouped like the
 # paper's two towers, followed by LRN, followed by max pooling).
@@ -64,24 +65,28 @@ def build_alexnet(
         raise ValueError(f"groups must be 2 (the paper's two GPUs) or 1 (one tower), got {groups!r}")
     height, width, channels = input_shape
     steps: list[tuple[str, nnx.Module]] = []
-    maps = channels
+    maps, total_stride, taps = channels, 1, []
     for stage, out_maps, kernel, stride, padding, grouped, lrn, pool in ALEXNET_CONVS:
         conv = nnx.Conv(maps, out_maps, (kernel, kernel), strides=stride, padding=padding,
                         feature_group_count=groups if grouped else 1, dtype=dtype, rngs=rngs)
         steps += [(f"conv{stage}", conv), (f"relu{stage}", Activation("relu"))]
         if lrn:
             steps.append((f"lrn{stage}", LocalResponseNorm(size=5, k=2.0, alpha=1e-4, beta=0.75)))
+        total_stride *= stride
         if pool:
             steps.append((f"pool{stage}", MaxPool(3, strides=2)))
+            total_stride *= 2
+            taps.append(Stage(f"pool{stage}", total_stride, out_maps))  # after each pool: 8, 16, 32
         maps = out_maps
     features = NamedSequential(steps)
+    stages = last_at_each_stride([*taps, Stage(steps[-1][0], total_stride, maps)])
     head = None
     if include_top:
         _, h, w, c = output_shape(features, (1, height, width, channels))
         head = dense_head("flatten", h * w * c, num_classes, hidden=(4096, 4096),
                           dropout=dropout, dtype=dtype, rngs=rngs)
     # Smallest input leaving a 1x1 map: pool5 needs 3, conv2 7, pool1 15, conv1 (15-1)*4+11.
-    return Classifier(features, head, input_shape=input_shape, min_size=(67, 67), name=name)
+    return Classifier(features, head, input_shape=input_shape, min_size=(67, 67), name=name, stages=stages)
 
 
 register(ModelSpec(

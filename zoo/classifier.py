@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from zoo.layers import Activation
+
+if TYPE_CHECKING:
+    from zoo.stages import Stage
 
 HEAD_POOLS = ("flatten", "avg")
 
@@ -130,14 +134,18 @@ class Classifier(nnx.Module):
         input_shape: (H, W, C) the model was built for (the Flatten head fixes h, w).
         min_size: smallest (H, W) the backbone accepts.
         name: used in error messages.
+        stages: the backbone's multi-scale maps (`zoo.stages.Stage`), strides increasing, the
+            last one the backbone's output; declared by each family from its variant's data.
     """
 
-    def __init__(self, features: nnx.Module, head: Head | None, *, input_shape, min_size, name: str):
+    def __init__(self, features: nnx.Module, head: Head | None, *, input_shape, min_size, name: str,
+                 stages: Sequence[Stage] = ()):
         self.features = features
         self.head = head
         self.input_shape = tuple(input_shape)
         self.min_size = tuple(min_size)
         self.name = name
+        self.stages = tuple(stages)
 
     def __call__(self, x):
         check_images(x, channels=self.input_shape[-1], min_size=self.min_size, name=self.name)

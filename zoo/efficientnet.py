@@ -63,6 +63,7 @@ from flax import nnx
 from zoo.classifier import Classifier, Head
 from zoo.layers import Activation, SqueezeExcite
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage, last_at_each_stride
 
 FILTER_DIVISOR = 8
 TOP_FILTERS = 1280  # width of the final 1x1 conv in B0, scaled like every other width
@@ -353,13 +354,26 @@ class EfficientNetFeatures(nnx.Module):
         self.top_act = Activation("silu")
         self.out_features = top_width
 
+    def sequential_steps(self):
+        """(name, step) in call order: ["input_norm"], "stem", "blocks.0", ..., "top_conv", "top_bn",
+        "top_act" (read by `zoo.stages.backbone_steps`)."""
+        steps = [] if self.input_norm is None else [("input_norm", self.input_norm)]
+        steps += [("stem", self.stem), *((f"blocks.{i}", block) for i, block in enumerate(self.blocks))]
+        return [*steps, ("top_conv", self.top_conv), ("top_bn", self.top_bn), ("top_act", self.top_act)]
+
     def __call__(self, x):
-        if self.input_norm is not None:
-            x = self.input_norm(x)
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.top_act(self.top_bn(self.top_conv(x)))
+        for _, step in self.sequential_steps():
+            x = step(x)
+        return x
+
+
+def efficientnet_stages(configs: Sequence[BlockConfig], stem_width: int, top_width: int) -> tuple[Stage, ...]:
+    """The last block at each stride (2, 4, 8, 16), then the top conv's activation at 32."""
+    taps, stride = [Stage("stem", 2, stem_width)], 2
+    for i, c in enumerate(configs):
+        stride *= c.stride
+        taps.append(Stage(f"blocks.{i}", stride, c.out_filters))
+    return last_at_each_stride([*taps, Stage("top_act", stride, top_width)])
 
 
 def _check_normalization(value, channels: int):
@@ -446,7 +460,9 @@ def build_efficientnet(
         layers.append(nnx.Linear(features.out_features, num_classes, kernel_init=dense_init, dtype=dtype,
                                  rngs=rngs))
         head = Head("avg", layers)
-    return Classifier(features, head, input_shape=input_shape, min_size=MIN_SIZE, name=name)
+    stages = efficientnet_stages(configs, round_filters(STEM_FILTERS, width_multiplier),
+                                 round_filters(TOP_FILTERS, width_multiplier))
+    return Classifier(features, head, input_shape=input_shape, min_size=MIN_SIZE, name=name, stages=stages)
 
 
 # Keras Applications' trainable-parameter counts at 1000 classes.

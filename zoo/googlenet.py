@@ -38,6 +38,7 @@ from flax import nnx
 from zoo.classifier import Classifier, Head, check_images, dense_head, output_shape
 from zoo.layers import Activation, AvgPool, LocalResponseNorm, MaxPool, NamedSequential, SqueezeExcite
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage, last_at_each_stride
 
 # The paper's Table 1, one row per Inception unit: (name, #1x1, #3x3 reduce, #3x3,
 # #5x5 reduce, #5x5, pool proj). "pool" rows are the 3x3/2 max pools between stages.
@@ -219,11 +220,16 @@ def build_googlenet(
         ("lrn2", _lrn()),
         ("pool2", MaxPool(3, strides=2, padding="SAME")),
     ]
-    maps = 192
+    maps, stride = 192, 8
+    # The stride-2 activation, then the map after each pool; the last step supersedes the
+    # last pool at its stride (inception5b, not pool4, at 32).
+    taps = [Stage("relu1", 2, 64), Stage("pool1", 4, 64), Stage("pool2", 8, 192)]
     aux: dict[str, AuxClassifier] = {}
     for row in table:
         if isinstance(row, str):
             steps.append((row, MaxPool(3, strides=2, padding="SAME")))
+            stride *= 2
+            taps.append(Stage(row, stride, maps))
             continue
         unit_name, *widths = row
         unit = Inception(maps, *widths, se_reduction=se_reduction, dtype=dtype, rngs=rngs)
@@ -239,12 +245,13 @@ def build_googlenet(
                     )
                 aux[aux_name] = AuxClassifier(c, num_classes, (h, w), dtype=dtype, rngs=rngs)
     features = GoogLeNetFeatures(steps, aux)
+    stages = last_at_each_stride([*taps, Stage(steps[-1][0], stride, maps)])
     head = None
     if include_top:
         head = dense_head("avg", maps, num_classes, dropout=dropout, dropout_first=True,
                           dtype=dtype, rngs=rngs)
     # Every convolution and pool is SAME-padded (ceil division), so any size leaves >= 1x1.
-    return Classifier(features, head, input_shape=input_shape, min_size=(1, 1), name=name)
+    return Classifier(features, head, input_shape=input_shape, min_size=(1, 1), name=name, stages=stages)
 
 
 register(ModelSpec(

@@ -30,6 +30,7 @@ from flax import nnx
 from zoo.classifier import Classifier, dense_head, output_shape
 from zoo.layers import Activation, AvgPool, MaxPool, NamedSequential, ZeroPad
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage
 
 
 POOLINGS = {"avg": AvgPool, "max": MaxPool}
@@ -69,14 +70,15 @@ def build_lenet(
     steps: list[tuple[str, nnx.Module]] = []
     if input_padding:
         steps.append(("pad", ZeroPad(input_padding)))
-    maps = channels
+    maps, stride, stages = channels, 1, []
     for stage, out_maps in LENET5_STAGES:
         steps += [
             (f"conv{stage}", nnx.Conv(maps, out_maps, (5, 5), padding="VALID", dtype=dtype, rngs=rngs)),
             (f"act{stage}", Activation(activation)),
             (f"pool{stage}", POOLINGS[pooling](2)),
         ]
-        maps = out_maps
+        maps, stride = out_maps, stride * 2
+        stages.append(Stage(f"pool{stage}", stride, maps))  # after each subsampling: strides 2, 4
     features = NamedSequential(steps)
     # Each 5x5 valid conv removes 4 pixels and each pool halves: 16 -> 12 -> 6 -> 2 -> 1.
     min_side = max(16 - 2 * input_padding, 1)
@@ -88,7 +90,7 @@ def build_lenet(
         _, h, w, c = output_shape(features, (1, height, width, channels))
         head = dense_head("flatten", h * w * c, num_classes, hidden=(120, 84),
                           activation=activation, dtype=dtype, rngs=rngs)
-    return Classifier(features, head, input_shape=input_shape, min_size=min_size, name=name)
+    return Classifier(features, head, input_shape=input_shape, min_size=min_size, name=name, stages=stages)
 
 
 register(ModelSpec(

@@ -28,6 +28,7 @@ from flax import nnx
 from zoo.classifier import Classifier, dense_head
 from zoo.layers import Activation, MaxPool
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage
 
 
 class ConvBNReLU(nnx.Module):
@@ -65,10 +66,23 @@ class MnistFeatures(nnx.Module):
         self.layers = nnx.List(layers)
         self.out_channels = channels
 
+    def sequential_steps(self):
+        """(name, layer) in call order (read by `zoo.stages.backbone_steps`)."""
+        return [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
+
     def __call__(self, x):
-        for layer in self.layers:
+        for _, layer in self.sequential_steps():
             x = layer(x)
         return x
+
+
+def mnist_stages(widths: Sequence[int], convs_per_stage: Sequence[int]) -> tuple[Stage, ...]:
+    """The end of each stage, before its pool: `layers.{i}` at strides 1, 2, 4 (MnistFeatures' order)."""
+    taps, index = [], -1
+    for stage, (width, depth) in enumerate(zip(widths, convs_per_stage)):
+        index += depth + (stage > 0)  # the pool opening each later stage, then its convs
+        taps.append(Stage(f"layers.{index}", 2**stage, width))
+    return tuple(taps)
 
 
 def build_mnistnet(
@@ -98,7 +112,8 @@ def build_mnistnet(
         flat = (h // 4) * (w // 4) * features.out_channels
         head = dense_head("flatten", flat, num_classes, dropout=dropout, dropout_first=True,
                           dtype=dtype, rngs=rngs)
-    return Classifier(features, head, input_shape=input_shape, min_size=(4, 4), name=name)
+    return Classifier(features, head, input_shape=input_shape, min_size=(4, 4), name=name,
+                      stages=mnist_stages(widths, convs_per_stage))
 
 
 _PAPER = dict(

@@ -6,14 +6,15 @@ Family files register their variants as data at import time:
                        options={"block": "bottleneck", "stage_depths": (3, 4, 6, 3)}, ...))
 
 `create_model(name, ...)` calls `builder(num_classes=..., input_shape=..., include_top=...,
-dtype=..., rngs=..., **options)`, which returns a `zoo.classifier.Classifier`.
+dtype=..., rngs=..., **options)`, which returns a `zoo.classifier.Classifier` whose `stages`
+the builder declares; `features_only=True` wraps its features in a `zoo.stages.FeatureExtractor`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 
 from zoo import cpu_conv
 from zoo.classifier import cheap_tracer_error_messages
+from zoo.stages import FeatureExtractor, select_stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,8 @@ def create_model(
     rngs: nnx.Rngs | int = 0,
     pretrained: str | None = None,
     abstract: bool = False,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **options,
 ) -> nnx.Module:
     """Build a registered model.
@@ -146,9 +150,13 @@ def create_model(
         pretrained: tag of shipped weights (see `zoo list`); loads them offline.
         abstract: build with shape/dtype placeholders only (nothing allocated or initialized):
             for counting parameters, summaries and shape checks of the biggest models.
+        features_only: return a `zoo.stages.FeatureExtractor` over the backbone instead (no head;
+            `include_top` is ignored): x -> one NHWC map per selected stage of `model.stages`.
+        out_indices: with features_only, which stages (indices into the model's stages, negatives
+            count from the end); default all.
         **options: family options overriding the variant's (e.g. `aux_logits=True` for GoogLeNet).
     Returns:
-        a `zoo.classifier.Classifier`, in train mode (call `.eval()` for inference).
+        a `zoo.classifier.Classifier` (or a `FeatureExtractor`), in train mode (call `.eval()` for inference).
     """
     spec = get_spec(name)
     if isinstance(input_size, int):
@@ -161,16 +169,25 @@ def create_model(
         )
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
-    if pretrained is not None:
-        from zoo import pretrained as shipped
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the stages of features_only=True; pass features_only=True too")
 
-        return shipped.load(name, pretrained, dtype=dtype, **options)
+    def extractor(model):
+        return FeatureExtractor(model.features, select_stages(model.stages, out_indices),
+                                input_shape=model.input_shape, min_size=model.min_size, name=model.name)
+
+    if pretrained is not None:
+        model = load_pretrained(name, pretrained, dtype=dtype, **options)
+        return extractor(model) if features_only else model
     merged = {**spec.options, **options}
 
     def build(rngs):
         model = spec.builder(
             num_classes=num_classes if num_classes is not None else spec.num_classes,
-            input_shape=(h, w, c), include_top=include_top, dtype=dtype, rngs=rngs, name=name, **merged)
+            input_shape=(h, w, c), include_top=include_top and not features_only, dtype=dtype, rngs=rngs,
+            name=name, **merged)
+        if features_only:  # a bad index fails here, before build_initialized compiles anything
+            model = extractor(model)
         cpu_conv.use_cpu_conv(model)  # the same numbers, faster on XLA:CPU (see zoo/cpu_conv.py)
         return model
 
@@ -190,3 +207,28 @@ def create_model(
 def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (nnx.Param leaves); BatchNorm statistics are not counted."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def load_pretrained(name: str, tag: str, *, dtype=jnp.float32, weights_dir=None, **options) -> nnx.Module:
+    """The registry model `name` with its shipped weights `tag` (`zoo.pretrained`), in eval mode.
+
+    Args:
+        dtype: computation dtype (parameters stay float32).
+        weights_dir: another store directory than the package's zoo/weights.
+        options: family options passed on to `create_model` (they must fit the weights).
+    Raises:
+        ValueError: unknown tag (lists those that exist), a weights file whose sha256 differs from
+            the recorded one, or weights that do not fit the model (names every difference).
+    """
+    from zoo import pretrained
+    from zoo.saving import load_flat_into
+
+    meta, weights = pretrained.verified(name, tag, weights_dir, kind="classifier")
+    kwargs = dict(meta["kwargs"])
+    if isinstance(kwargs.get("input_size"), list):
+        kwargs["input_size"] = tuple(kwargs["input_size"])
+    kwargs.update(options)
+    model = create_model(name, dtype=dtype, **kwargs)
+    load_flat_into(model, weights, source=f"{name}-{tag}")
+    model.eval()
+    return model

@@ -50,6 +50,7 @@ from flax import nnx
 from zoo.classifier import Classifier, dense_head
 from zoo.layers import MaxPool, SqueezeExcite
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage
 
 BLOCK_KINDS = ("basic", "bottleneck")
 STRIDE_IN = ("1x1", "3x3")
@@ -149,8 +150,14 @@ class Stem(nnx.Module):
         # -inf padding (reduce_window's identity for max) never wins; see the module docstring.
         self.pool = MaxPool(3, 2, padding=((1, 1), (1, 1)))
 
+    def sequential_steps(self):
+        """(name, step) in call order; "relu" is the stride-2 map (read by `zoo.stages.backbone_steps`)."""
+        return [("conv", self.conv), ("bn", self.bn), ("relu", jax.nn.relu), ("pool", self.pool)]
+
     def __call__(self, x):
-        return self.pool(jax.nn.relu(self.bn(self.conv(x))))
+        for _, step in self.sequential_steps():
+            x = step(x)
+        return x
 
 
 class ResNetFeatures(nnx.Module):
@@ -177,12 +184,25 @@ class ResNetFeatures(nnx.Module):
             setattr(self, f"stage{s + 1}", nnx.List(blocks))
         self.out_channels = channels
 
-    def __call__(self, x):
-        x = self.stem(x)
+    def sequential_steps(self):
+        """(name, step) in call order: "stem", "stage1.0", "stage1.1", ... (read by `zoo.stages.backbone_steps`)."""
+        steps = [("stem", self.stem)]
         for s in range(self.num_stages):
-            for block in getattr(self, f"stage{s + 1}"):
-                x = block(x)
+            steps += [(f"stage{s + 1}.{b}", block) for b, block in enumerate(getattr(self, f"stage{s + 1}"))]
+        return steps
+
+    def __call__(self, x):
+        for _, step in self.sequential_steps():
+            x = step(x)
         return x
+
+
+def resnet_stages(block, stage_depths, stage_widths, stem_width) -> tuple[Stage, ...]:
+    """The stem's stride-2 activation, then the last block of each stage (strides 4, 8, 16, 32)."""
+    stages = [Stage("stem.relu", 2, stem_width)]
+    for s, (depth, width) in enumerate(zip(stage_depths, stage_widths)):
+        stages.append(Stage(f"stage{s + 1}.{depth - 1}", 4 * 2**s, width * EXPANSION[block]))
+    return tuple(stages)
 
 
 def _check_options(*, block, stage_depths, stage_widths, se_reduction, stride_in, bn_momentum,
@@ -255,7 +275,8 @@ def build_resnet(
     )
     head = (dense_head("avg", features.out_channels, num_classes, dtype=dtype, rngs=rngs)
             if include_top else None)
-    return Classifier(features, head, input_shape=input_shape, min_size=MIN_SIZE, name=name)
+    return Classifier(features, head, input_shape=input_shape, min_size=MIN_SIZE, name=name,
+                      stages=resnet_stages(block, stage_depths, stage_widths, stem_width))
 
 
 # Every layer maps a size h >= 1 to >= 1 (7x7/2 pad 3, pool 3/2 pad 1, 3x3/2 pad 1 and

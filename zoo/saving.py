@@ -30,6 +30,9 @@ from flax import nnx
 FORMAT = "fcnzoo-model"
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "model.json"
+# A saved segmentation net (`convert.save_segmentation`) has this config instead of model.json.
+SEGMENTATION_FORMAT = "fcnzoo-segmentation"
+SEGMENTATION_CONFIG = "segmentation.json"
 
 
 # Files written before keys were cleaned ended each key with the Variable's ".value" attribute.

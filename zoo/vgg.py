@@ -18,6 +18,7 @@ from flax import nnx
 from zoo.classifier import Classifier, dense_head, output_shape
 from zoo.layers import Activation, MaxPool, NamedSequential
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage, last_at_each_stride
 
 VGG_LAYERS = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -53,10 +54,11 @@ def build_vgg(
     """
     height, width, channels = input_shape
     steps: list[tuple[str, nnx.Module]] = []
-    maps, block, position = channels, 1, 0
+    maps, block, position, taps = channels, 1, 0, []
     for entry in layers:
         if entry == "M":
             steps.append((f"pool{block}", MaxPool(2)))
+            taps.append(Stage(f"pool{block}", 2**block, maps))  # pool1 .. pool5: strides 2 .. 32
             block, position = block + 1, 0
         elif isinstance(entry, int) and entry > 0:
             position += 1
@@ -67,13 +69,15 @@ def build_vgg(
             raise ValueError(f"VGG layers are positive ints (conv widths) or 'M' (max pool), got {entry!r}")
     features = NamedSequential(steps)
     pools = sum(entry == "M" for entry in layers)
+    stages = last_at_each_stride([*taps, Stage(steps[-1][0], 2**pools, maps)])
     min_side = 2**pools  # each 2x2 pool halves, rounding down; convolutions keep the size
     head = None
     if include_top:
         _, h, w, c = output_shape(features, (1, height, width, channels))
         head = dense_head("flatten", h * w * c, num_classes, hidden=(4096, 4096),
                           dropout=dropout, dtype=dtype, rngs=rngs)
-    return Classifier(features, head, input_shape=input_shape, min_size=(min_side, min_side), name=name)
+    return Classifier(features, head, input_shape=input_shape, min_size=(min_side, min_side), name=name,
+                      stages=stages)
 
 
 for _variant, _layers in VGG_LAYERS.items():

@@ -46,6 +46,7 @@ from flax import nnx
 from zoo.classifier import Classifier, dense_head
 from zoo.layers import MaxPool
 from zoo.registry import ModelSpec, register
+from zoo.stages import Stage, last_at_each_stride
 
 # He initialisation suits ReLU networks; fan_in of a depthwise 3x3 kernel is 9, as it should be.
 _conv_init = nnx.initializers.he_normal()
@@ -192,11 +193,29 @@ class XceptionFeatures(nnx.Module):
         self.final = Final(exit_widths[-1], final_widths, **bn)
         self.out_channels = final_widths[-1]
 
+    def sequential_steps(self):
+        """(name, step) in call order: "stem", "entry_flow.0", ..., "final" (read by `zoo.stages.backbone_steps`)."""
+        steps = [("stem", self.stem)]
+        for flow in ("entry_flow", "middle_flow", "exit_flow"):
+            steps += [(f"{flow}.{i}", block) for i, block in enumerate(getattr(self, flow))]
+        return [*steps, ("final", self.final)]
+
     def __call__(self, x):
-        x = self.stem(x)
-        for block in (*self.entry_flow, *self.middle_flow, *self.exit_flow):
-            x = block(x)
-        return self.final(x)
+        for _, step in self.sequential_steps():
+            x = step(x)
+        return x
+
+
+def xception_stages(stem_widths, entry_widths, middle_depth, exit_widths, final_widths) -> tuple[Stage, ...]:
+    """The end of each resolution: the stem (2), entry blocks (4, 8), the last middle block (16), final (32)."""
+    taps = [Stage("stem", 2, stem_widths[-1])]  # conv1 strides 2, VALID convs only trim the border
+    stride = 2
+    for i, width in enumerate(entry_widths):
+        stride *= 2
+        taps.append(Stage(f"entry_flow.{i}", stride, width))
+    taps += [Stage(f"middle_flow.{i}", stride, entry_widths[-1]) for i in range(middle_depth)]
+    taps += [Stage("exit_flow.0", stride * 2, exit_widths[-1]), Stage("final", stride * 2, final_widths[-1])]
+    return last_at_each_stride(taps)
 
 
 def build_xception(
@@ -239,7 +258,8 @@ def build_xception(
     )
     head = (dense_head("avg", features.out_channels, num_classes, dtype=dtype, rngs=rngs)
             if include_top else None)
-    return Classifier(features, head, input_shape=input_shape, min_size=MIN_SIZE, name=name)
+    stages = xception_stages(stem_widths, entry_widths, middle_depth, exit_widths, final_widths)
+    return Classifier(features, head, input_shape=input_shape, min_size=MIN_SIZE, name=name, stages=stages)
 
 
 # The VALID stem needs 3 pixels for conv1 and 3 of its outputs for conv2:
