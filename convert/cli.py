@@ -1,4 +1,4 @@
-"""`zoo convert` and `zoo predict-dense`."""
+"""`zoo convert`, `zoo predict-dense` and `zoo segment`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,100 @@ def cmd_predict_dense(args) -> int:
     return 0
 
 
+def _classifier_beside(net, metadata: dict):
+    """(converted classifier, its preprocessing) the net grew from, when its weights are shipped; else (None, None)."""
+    import zoo
+    from convert.fcn import to_fcn
+    from zoo import pretrained
+
+    train_config = metadata.get("train_config") or metadata.get("train", {}).get("train_config") or {}
+    model, tag = train_config.get("model"), train_config.get("pretrained")
+    if not model or not tag or (model, tag) not in pretrained.shipped("classifier"):
+        return None, None
+    classifier = zoo.create_model(model, pretrained=tag)
+    fcn = to_fcn(classifier)
+    if fcn.num_classes > net.num_classes:
+        return None, None
+    return fcn, pretrained.metadata(model, tag)["preprocessing"]
+
+
+def cmd_segment(args) -> int:
+    import numpy as np
+
+    from convert import segment_view
+    from convert.predict import enable_compilation_cache, read_image
+    from convert.segment import load_any_segmentation
+
+    if args.cache_dir:
+        enable_compilation_cache(args.cache_dir)
+    if (args.image is None) == (args.scene is None):
+        raise ValueError("give an IMAGE file (PNG, JPEG, ...) or --scene WxH for a generated digit scene, "
+                         "e.g. --scene 777x333 (one of them)")
+    scene = None
+    if args.scene is not None:
+        from train import digit_scenes
+
+        scene = digit_scenes.generate_scene("test", args.seed, size=digit_scenes.parse_size(args.scene))
+    net, metadata = load_any_segmentation(args.model)
+    class_names = metadata.get("class_names") or [str(k) for k in range(net.num_classes)]
+    if scene is not None:
+        if net.in_channels != 1:
+            raise ValueError(f"--scene makes grayscale digit scenes; {args.model} takes {net.in_channels} channels")
+        image, notes, truth = scene.image[..., None].astype(np.float32) / 255.0, {}, scene.label
+        name = f"scene {scene.image.shape[1]}x{scene.image.shape[0]} (seed {args.seed}, MNIST test digits)"
+        default_out = f"segment-scene-{scene.image.shape[1]}x{scene.image.shape[0]}-seed{args.seed}.png"
+    else:
+        # Light-on-dark nets (digits) see dark-on-light images inverted unless told otherwise.
+        invert = args.invert if args.invert is not None else (None if net.in_channels == 1 else False)
+        image, notes = read_image(args.image, net.in_channels, invert=invert)
+        truth, name, default_out = None, str(args.image), f"{Path(args.image).stem}-segment.png"
+    classifier, preprocessing = _classifier_beside(net, metadata)
+    view = segment_view.SegmentView(net, class_names, classifier=classifier, classifier_preprocessing=preprocessing)
+    result = view.segment(image)
+    out = Path(args.out) if args.out else Path(default_out)
+    report = {
+        "input": name, "size": [int(image.shape[1]), int(image.shape[0])], "notes": notes, "model": str(args.model),
+        "regions": [{"class": class_names[r.label], "box_tlhw": list(map(int, r.box)), "pixels": r.pixels,
+                     "confidence": round(r.confidence, 3)} for r in result.regions],
+        "seconds_per_image": round(result.seconds, 3), "compile_seconds": round(result.compile_seconds, 2),
+        "compilations": result.compilations, "buckets": [list(b) for b in view.net.buckets],
+    }
+    title = f"{name}: {len(result.regions)} region(s) found by {result.name}"
+    if truth is not None:
+        from train.tasks import confusion, scores_from_confusion
+
+        mine = scores_from_confusion(confusion(truth, result.labels, net.num_classes))
+        report.update(truth_classes=sorted(d["label"] for d in scene.digits),
+                      mean_iou=round(mine["mean_iou"], 4), pixel_accuracy=round(mine["pixel_accuracy"], 4))
+        title += f"; mean IU {report['mean_iou']:.3f}, pixel accuracy {report['pixel_accuracy']:.3f}"
+    segment_view.draw(result, out, class_names=class_names, colors=view.colors, background=view.background,
+                      title=title, truth=truth)
+    report["picture"] = str(out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{name}: {image.shape[1]}x{image.shape[0]} px"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in notes.items())})" if notes else ""))
+    print(f"found {len(result.regions)} region(s), in reading order: "
+          + (", ".join(class_names[r.label] for r in result.regions) or "none"))
+    for r in result.regions[:40]:
+        top, left, h, w = r.box
+        print(f"  {class_names[r.label]} at x={left}..{left + w - 1}, y={top}..{top + h - 1} "
+              f"({r.pixels} px, confidence {r.confidence:.2f})")
+    if len(result.regions) > 40:
+        print(f"  ... and {len(result.regions) - 40} more")
+    if truth is not None:
+        print(f"ground truth: {len(scene.digits)} digits; {result.name} mean IU {report['mean_iou']:.3f}, "
+              f"pixel accuracy {report['pixel_accuracy']:.3f}")
+    import jax
+
+    print(f"time per image: {result.seconds:.3f} s ({'both networks' if classifier is not None else 'the net'}, "
+          f"compilation excluded); {result.compilations} compilation(s) taking {result.compile_seconds:.1f} s; "
+          f"device: {jax.devices()[0].platform}")
+    print(f"picture: {out.resolve()}")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("convert", help="turn a saved classifier into a saved fully convolutional network")
     p.add_argument("checkpoint", help="saved classifier directory (model.json + weights.safetensors)")
@@ -79,3 +173,26 @@ def add_commands(subparsers) -> None:
     p.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_predict_dense)
+
+    p = subparsers.add_parser(
+        "segment", help="label every pixel of an image of any size with a segmentation net",
+        description="Label every pixel of an image with a trained segmentation net (default: the shipped FCN-8s "
+                    "grown from the MNIST classifier: digits 0-9 and background), draw the labels beside the "
+                    "converted classifier's dense score map and the class legend, and list the regions found. "
+                    "Grayscale nets expect light shapes on dark like MNIST's (dark-on-light images are "
+                    "inverted automatically).")
+    p.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...; grayscale, RGB, with alpha, 16-bit)")
+    p.add_argument("--model", default="mnistnet_fcn8s-digit_scenes",
+                   help="a trained net's directory (zoo segment-train's output) or a shipped net, e.g. "
+                        "mnistnet_fcn16s (default: %(default)s; `zoo list` shows them)")
+    p.add_argument("--scene", metavar="WxH", help="segment a generated digit scene of this size instead, e.g. 777x333")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated scene (default 0)")
+    p.add_argument("--out", help="picture to write (default: <image>-segment.png or segment-scene-*.png)")
+    polarity = p.add_mutually_exclusive_group()
+    polarity.add_argument("--invert", dest="invert", action="store_true", default=None,
+                          help="always invert the image (dark shapes on light paper)")
+    polarity.add_argument("--no-invert", dest="invert", action="store_false",
+                          help="never invert (default for grayscale nets: invert when the median is light)")
+    p.add_argument("--cache-dir", help="JAX persistent compilation cache directory (later runs skip compiling)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report instead")
+    p.set_defaults(func=cmd_segment)

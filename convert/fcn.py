@@ -335,7 +335,10 @@ def to_fcn(model: Callable, input_shape: Sequence[int] | None = None, *, name: s
         raise ConversionError(f"the backbone of {name} returns shape {feature_shape}, not a (N, h, w, c) map")
     modules, spec = convert_head(pool, head_layers, feature_shape[1:])
     if not stages:
-        stages = find_stages(backbone, input_shape)
+        try:
+            stages = find_stages(backbone, input_shape)
+        except ValueError:  # no integer stride per stage (upsampling...): converts, but grows no decoder
+            stages = ()
     fcn = FCN(backbone, modules, head_spec=[{"op": pool + "_head"}, *spec], input_shape=input_shape,
               feature_shape=feature_shape[1:], pool=pool, source=name, stages=stages)
     fcn.eval()

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.fcn import FCN
 from convert.geometry import Geometry
 
 
@@ -270,28 +269,77 @@ class DensePredictor:
         return DenseScores(out, self.geometry, (height, width), side)
 
 
-def load_image(path: str | os.PathLike, channels: int) -> np.ndarray:
-    """(H, W, channels) float32 in [0, 1] from an image file; clear errors for anything else."""
+MAX_PIXELS = 64_000_000  # larger images are refused before decoding (memory); tiling handles the rest
+
+
+def read_image(path: str | os.PathLike, channels: int, *, invert: bool | None = False,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
+    """(H, W, channels) float32 in [0, 1] from any image file Pillow opens, and what was done to it.
+
+    The one image reader of `zoo predict-dense` and `zoo segment`. 16-bit and float images are
+    scaled by their own range; palette images become RGB or gray; transparent pixels are composited
+    over the colour opposite to the ink (so they become background). `invert`: True flips
+    intensities, None flips when the median is light (dark ink on paper, for light-on-dark nets).
+    The size is checked before decoding, so no file can take the machine's memory.
+
+    Raises:
+        FileNotFoundError, or a ValueError naming the file: not an image, truncated, too large,
+        or with channels that cannot become `channels`.
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
+    notes = {}
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ValueError(f"{path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); the limit is "
+                                 f"{max_pixels / 1e6:.0f} megapixels. Downscale it or cut it into parts.")
             img.load()
-            mode = img.mode
-            if mode in ("P", "PA", "LA", "RGBA", "I;16", "I", "F", "1", "CMYK", "YCbCr"):
-                img = img.convert("RGB" if mode in ("P", "PA", "RGBA", "CMYK", "YCbCr") else "L")
-            array = np.asarray(img)
+            notes["mode"] = img.mode
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raw = np.asarray(img, np.float32)
+                span = float(raw.max() - raw.min())
+                array = ((raw - raw.min()) / span if span > 0 else np.zeros_like(raw))[..., None]
+                notes["scaled"] = "by the image's own range"
+            elif has_alpha:
+                rgba = np.asarray(img.convert("RGBA"), np.float32) / 255.0
+                alpha = rgba[..., 3:]
+                gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+                opaque = alpha[..., 0] > 0.5
+                paper = 1.0 if opaque.any() and float(gray[opaque].mean()) < 0.5 else 0.0
+                array = rgba[..., :3] * alpha + paper * (1 - alpha)
+                notes["alpha"] = f"composited over {'white' if paper else 'black'}"
+            else:
+                array = np.asarray(img.convert("L" if img.mode in ("1", "L") else "RGB"), np.float32) / 255.0
+                array = array[..., None] if array.ndim == 2 else array
     except UnidentifiedImageError:
-        raise ValueError(f"{path} is not an image file Pillow can read (PNG, JPEG, ...)") from None
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.shape[-1] != channels:
-        raise ValueError(f"{path} has {array.shape[-1]} channel(s) but the model expects {channels}; "
-                         f"convert the image (e.g. Pillow: Image.open(p).convert('{'L' if channels == 1 else 'RGB'}'))")
-    return array.astype(np.float32) / 255.0
+        raise ValueError(f"{path} is not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data
+        raise ValueError(f"{path} could not be decoded ({e}); the file is truncated or damaged") from None
+    if channels == 1 and array.shape[-1] == 3:
+        array = array @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
+    elif channels == 3 and array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] != channels:
+        raise ValueError(f"{path} has {array.shape[-1]} channel(s) but the model expects {channels}")
+    if invert is None:
+        invert = float(np.median(array)) > 0.5
+    if invert:
+        array = 1.0 - array
+    notes["inverted"] = bool(invert)
+    return np.ascontiguousarray(array, np.float32), notes
+
+
+def load_image(path: str | os.PathLike, channels: int) -> np.ndarray:
+    """(H, W, channels) float32 in [0, 1] from an image file (`read_image` without the notes)."""
+    return read_image(path, channels)[0]
 
 
 def save_heatmap(image: np.ndarray, result: DenseScores, path: str | os.PathLike, *, class_index: int | None = None,

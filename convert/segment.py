@@ -190,14 +190,12 @@ class SegmentationFCN(nnx.Module):
             padded backbones, whose stage s has its centre at (s - 1) / 2.
         source: {"model", "kwargs"} of the registry classifier the backbone came from (for saving),
             or {"model": name} for a user's network.
-        receptive_field: pixels (per side) one output pixel depends on, about: the converted
-            classifier's window plus the decoder's reach (tiling margins come from it).
+        input_shape: (H, W, C) the classifier was trained at (for measuring the backbone's geometry).
     x: (N, H, W, C) floats in [0, 1], any H, W -> (N, H, W, num_classes) logits.
     """
 
     def __init__(self, backbone, stages: Sequence[Stage], score: Sequence, *, skips: int, num_classes: int,
-                 normalization, centres: dict | None = None, source: dict | None = None,
-                 receptive_field: int = 0):
+                 normalization, centres: dict | None = None, source: dict | None = None, input_shape=None):
         if skips not in VARIANTS.values():
             raise ValueError(f"skips must be 0, 1 or 2, got {skips}")
         self.backbone = backbone
@@ -208,7 +206,8 @@ class SegmentationFCN(nnx.Module):
         self.scale, self.offset = (tuple(float(v) for v in part) for part in normalization)
         self.centres_json = json.dumps(centres) if centres is not None else None
         self.source_json = json.dumps(source or {})
-        self.receptive_field = int(receptive_field)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self._field: int | None = None
         finer = pick_skip_stages(stages, self.skips)
         final = stages[-1]
         self.total_stride = final.stride
@@ -240,6 +239,18 @@ class SegmentationFCN(nnx.Module):
     @property
     def in_channels(self) -> int:
         return len(self.scale)
+
+    @property
+    def receptive_field(self) -> int:
+        """Pixels (per side) one output pixel depends on, about: the backbone's field, the score path's
+        kernels and the decoder's reach. Measured once (`convert.walk_geometry`); tiling margins come from it."""
+        if self._field is None:
+            from convert.geometry import walk_geometry
+
+            field = max(walk_geometry(self.backbone, self.input_shape).receptive_field)
+            kernels = [max(m.kernel_size) for m in self.score if isinstance(m, nnx.Conv)]
+            self._field = field + sum(k - 1 for k in kernels) * self.total_stride + 2 * self.total_stride
+        return self._field
 
     @property
     def output_strides(self) -> dict[str, int]:
@@ -394,13 +405,12 @@ def grow_segmentation(fcn: FCN, variant: str, *, num_classes: int, preprocessing
                          f"nnx.Sequential backbones have them)")
     if keep_class_filters is None:
         keep_class_filters = num_classes >= fcn.num_classes
-    window = fcn.geometry if fcn.pool == "flatten" else fcn.score_map_geometry
     return SegmentationFCN(nnx.clone(fcn.backbone), stages, score_path(fcn, num_classes,
                                                                         keep_class_filters=keep_class_filters),
                            skips=VARIANTS[variant], num_classes=num_classes,
                            normalization=_normalization(preprocessing, fcn.input_shape[-1]),
                            centres=_stage_centres(fcn), source=backbone or {"model": fcn.source},
-                           receptive_field=max(window.receptive_field) + 2 * stages[-1].stride)
+                           input_shape=fcn.input_shape)
 
 
 def grow_from(previous: SegmentationFCN, variant: str) -> SegmentationFCN:
@@ -417,7 +427,7 @@ def grow_from(previous: SegmentationFCN, variant: str) -> SegmentationFCN:
                                                                            else m for m in previous.score],
                             skips=VARIANTS[variant], num_classes=previous.num_classes,
                             normalization=(previous.scale, previous.offset), centres=centres,
-                            source=previous.source, receptive_field=previous.receptive_field)
+                            source=previous.source, input_shape=previous.input_shape)
     for mine, theirs in zip(grown.skip_scores, previous.skip_scores):
         nnx.update(mine, nnx.state(nnx.clone(theirs)))
     for mine, theirs in zip(grown.upsample, previous.upsample):
@@ -506,3 +516,32 @@ def load_shipped_segmentation(name: str = "mnistnet_fcn8s", tag: str = "digit_sc
     saving.load_flat_into(net, weights, source=f"{name}-{tag}")
     net.eval()
     return net
+
+
+DEFAULT_SHIPPED = "mnistnet_fcn8s-digit_scenes"
+
+
+def load_any_segmentation(reference: str | os.PathLike = DEFAULT_SHIPPED) -> tuple[SegmentationFCN, dict]:
+    """(net in eval mode, its metadata) from a saved net's directory or a shipped name ("NAME" or "NAME-TAG").
+
+    The metadata holds at least "class_names" and "dataset" for nets trained by `train.loop.train`.
+    """
+    from zoo import pretrained
+
+    path = Path(reference)
+    if path.is_dir():
+        config = read_segmentation_config(path)
+        return load_segmentation(path), dict(config.get("metadata", {}))
+    name, _, tag = str(reference).partition("-")
+    shipped = pretrained.shipped("segmentation")
+    if not tag:
+        tags = [t for n, t in shipped if n == name]
+        if len(tags) != 1:
+            names = ", ".join(f"{n}-{t}" for n, t in shipped) or "none"
+            raise ValueError(f"{reference!r} is neither a saved segmentation net's directory nor one shipped net "
+                             f"(shipped: {names}); train one with `zoo segment-train`")
+        tag = tags[0]
+    if (name, tag) not in shipped:
+        names = ", ".join(f"{n}-{t}" for n, t in shipped) or "none"
+        raise ValueError(f"no shipped segmentation net {name}-{tag}; shipped: {names}")
+    return load_shipped_segmentation(name, tag), pretrained.metadata(name, tag)

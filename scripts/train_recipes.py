@@ -42,8 +42,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from train import data, loop
-    from train.recipes import MINIMAL_LOOP, SHIPPED_AS, get_recipe, run_dir, train_minimal
+    from train import data, loop, tasks
+    from train.recipes import SHIPPED_AS, get_recipe, run_dir
 
     config = get_recipe(args.recipe, seed=args.seed)
     if args.ship and args.recipe not in SHIPPED_AS:  # say so now, not after hours of training
@@ -53,19 +53,12 @@ def cmd_run(args) -> int:
     out_dir = Path(run_dir(args.recipe, args.seed, args.out))
     out_dir.mkdir(parents=True, exist_ok=True)
     data.prepare(config.dataset, config.data_dir, quiet=True)
-    which_loop = args.loop or ("train_minimal" if args.recipe in MINIMAL_LOOP else "train.loop.train")
     started = time.perf_counter()
-    if which_loop == "train_minimal":
-        model, history, test_accuracy = train_minimal(config)
-        steps = history[-1]["step"]
-    else:
-        result = loop.train(config)  # out_dir=None: the returned model is the final (EMA) weights
-        model, history, test_accuracy, steps = result.model, result.history, result.test_accuracy, result.steps
+    result = loop.train(config)  # out_dir=None: the returned model is the final (EMA) weights
+    model, history, test_accuracy, steps = result.model, result.history, result.test_accuracy, result.steps
     seconds = time.perf_counter() - started
-    source = data.get_source(config.dataset)
     steps_per_epoch = steps // config.epochs
-    loop.save_trained_model(model, out_dir / "model", config, source,
-                            test_accuracy, steps, steps_per_epoch)
+    tasks.save_classifier(model, out_dir / "model", config, test_accuracy, steps, steps_per_epoch)
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     loop.plot_curves(history, out_dir / "curves.png", title=f"{config.model} on {config.dataset}")
     summary = {
@@ -73,7 +66,7 @@ def cmd_run(args) -> int:
         "test_accuracy": test_accuracy, "epochs": config.epochs, "steps": steps,
         "wall_seconds": round(seconds, 1), "machine": machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loop": which_loop, "config": config.to_dict(), "history": history,
+        "loop": "train.loop.train", "config": config.to_dict(), "history": history,
     }
     (out_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("recipe", "seed", "test_accuracy", "wall_seconds")}))
@@ -108,8 +101,9 @@ def cmd_time_to_99(args) -> int:
     """Wall time of a fresh process that trains the fast recipe and reaches `target` test accuracy."""
     code = (
         "import time; t0 = time.perf_counter()\n"
-        "from train.recipes import fast_mnist, train_minimal\n"
-        f"model, history, accuracy = train_minimal(fast_mnist(seed={args.seed}))\n"
+        "from train.loop import train\n"
+        "from train.recipes import fast_mnist\n"
+        f"accuracy = train(fast_mnist(seed={args.seed})).test_accuracy\n"
         "import json; print('RESULT', json.dumps({'test_accuracy': accuracy, "
         "'in_process_seconds': time.perf_counter() - t0}))\n"
     )
@@ -152,8 +146,6 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (smoke runs)")
     p.add_argument("--out", default="runs")
     p.add_argument("--ship", action="store_true", help="export the weights to zoo/weights/")
-    p.add_argument("--loop", choices=("train.loop.train", "train_minimal"),
-                   help="training loop (default: the recipe's, see train.recipes.MINIMAL_LOOP)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("ship", help="export a finished run (RUN_DIR from `run`) as shipped weights")
     p.add_argument("run_dir")

@@ -45,6 +45,23 @@ def test_png_codec_round_trips_through_pillow():
     np.testing.assert_array_equal(data.decode_png(buffer.getvalue())[..., 0], image)
 
 
+@pytest.mark.parametrize("shape", [(20, 30), (20, 30, 1), (20, 30, 3)])
+@pytest.mark.parametrize("filter_up", [False, True])
+def test_png_codec_grayscale_and_rgb_with_either_row_filter(shape, filter_up):
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    ours = data.encode_png(image, filter_up=filter_up)
+    with Image.open(io.BytesIO(ours)) as decoded:  # Pillow undoes the filters by the PNG spec
+        assert decoded.mode == ("RGB" if len(shape) == 3 and shape[2] == 3 else "L")
+        np.testing.assert_array_equal(np.asarray(decoded).reshape(shape), image)
+    expected = image if len(shape) == 3 else image[..., None]
+    np.testing.assert_array_equal(data.decode_png(ours), expected)  # the fast path
+    buffer = io.BytesIO()
+    Image.fromarray(expected if expected.shape[2] == 3 else expected[..., 0]).save(buffer, format="PNG")
+    np.testing.assert_array_equal(data.decode_png(buffer.getvalue()), expected)  # Pillow's adaptive filters
+    with pytest.raises(ValueError, match="encode_png takes"):
+        data.encode_png(np.zeros((4, 4, 2), np.uint8))
+
+
 def test_read_verified_idx_rejects_a_wrong_hash(tmp_path):
     payload = data.idx_bytes(np.zeros((2, 28, 28), np.uint8))
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:

@@ -1,125 +1,30 @@
-"""Segmentation: digit_scenes, the FCN decoders, the shipped weights, and `zoo segment` on bad input.
+"""Segmentation nets grown from any converted classifier: FCN-32s/16s/8s, the one predictor, the store.
 
-Reference points from outside the code under test: the raw MNIST arrays (which digits a scene
-may hold), `jax.image.resize` and a numpy tent filter (bilinear interpolation), the converted
-classifier of `convert` (the score layer), and the mean IU recorded when the weights were trained.
+Reference points from outside the code under test: `jax.image.resize` and a numpy tent filter
+(bilinear interpolation), the converted classifier of `convert` (the score path must be it), the
+input gradient of an output pixel (where the net looks must be where the pixel is: alignment), an
+untiled run (tiles), and the mean IU recorded when the shipped weights were trained, re-measured on
+regenerated test scenes with a numpy confusion matrix.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from PIL import Image
 
-from train import segment as seg
-from train import segment_data as sd
-from train import segment_models as sm
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    from train import data
-
-    try:
-        data.prepare("mnist", quiet=True)
-    except Exception as e:  # no installer access: say how to get the data
-        pytest.skip(f"mnist is not prepared and could not be prepared here ({e}); run `zoo data prepare mnist`")
-    return {split: sd.mnist_digits(split) for split in ("train", "test")}
-
-
-@pytest.fixture(scope="module")
-def converted():
-    import zoo
-    from convert.fcn import to_fcn
-
-    classifier = zoo.create_model("mnistnet", rngs=3)
-    classifier.eval()
-    return to_fcn(classifier)
-
-
-# ---------------------------------------------------------------------------------------------
-# digit_scenes
-
-
-def test_scenes_are_deterministic(mnist):
-    a, b = sd.generate_scene("train", 7), sd.generate_scene("train", 7)
-    assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label) and a.digits == b.digits
-    other = sd.generate_scene("train", 7, seed=sd.DEFAULT_SEED + 1)
-    assert a.image.shape != other.image.shape or not np.array_equal(a.image, other.image)
-    assert not np.array_equal(sd.generate_scene("test", 7).image, sd.generate_scene("train", 7).image)
-
-
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_scenes_hold_digits_of_their_own_split_only(mnist, split):
-    # Unscaled digits are byte-exact copies of MNIST images: look each pasted 28x28 patch up among
-    # the raw arrays of both splits, by content (the recorded MNIST index is not used).
-    hashes = {s: {hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest() for x in mnist[s][0]}
-              for s in ("train", "test")}
-    other = "test" if split == "train" else "train"
-    found = 0
-    for index in range(12):
-        scene = sd.generate_scene(split, index, scale_range=(1.0, 1.0))
-        inside = np.zeros(scene.image.shape, bool)
-        for digit in scene.digits:
-            top, left, h, w = digit["box"]
-            assert (h, w) == (28, 28)
-            patch = np.ascontiguousarray(scene.image[top:top + h, left:left + w])
-            key = hashlib.sha1(patch.tobytes()).digest()
-            assert key in hashes[split], f"scene {index}: a digit that is not in MNIST's {split} split"
-            assert key not in hashes[other], f"scene {index}: a {split} scene holds a digit of the {other} split"
-            inside[top:top + h, left:left + w] = True
-            found += 1
-        assert not scene.image[~inside].any(), "ink outside every recorded digit box"
-    assert found > 50
-
-
-def test_scene_labels_follow_the_ink(mnist):
-    scene = sd.generate_scene("test", 3)
-    ink = scene.image >= sd.INK_THRESHOLD
-    assert np.all(scene.label[ink] < 10)
-    assert np.all(scene.label[scene.image == 0] == sd.BACKGROUND)
-    faint = (scene.image > 0) & ~ink
-    assert np.all(scene.label[faint] == sd.VOID)
-    for digit in scene.digits:  # the classes inside a box are its digit's
-        top, left, h, w = digit["box"]
-        box = scene.label[top:top + h, left:left + w]
-        assert set(np.unique(box[box < 10]).tolist()) <= {digit["label"]}
-
-
-def test_tfds_builder_stores_the_generated_scenes(mnist, tmp_path):
-    sd.prepare_scenes(tmp_path, sizes={"train": 3, "test": 2}, quiet=True)
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder_from_directory(str(sd.scenes_dir(tmp_path)))
-    assert builder.info.splits["test"].num_examples == 2
-    for split, count in (("train", 3), ("test", 2)):
-        stored = sd.load_scenes(split, tmp_path)
-        assert len(stored) == count
-        for index, (image, label) in enumerate(stored):
-            scene = sd.generate_scene(split, index)
-            assert np.array_equal(image, scene.image) and np.array_equal(label, scene.label)
-    with pytest.raises(ValueError, match="delete"):
-        sd.prepare_scenes(tmp_path, sizes={"train": 4, "test": 2}, quiet=True)
-
-
-@pytest.mark.parametrize("text", ["777", "0x10", "axb", "20x20", "5000x64"])
-def test_bad_scene_sizes_are_refused(text):
-    with pytest.raises(ValueError):
-        sd.parse_size(text)
-
-
-def test_scene_size_is_width_by_height():
-    assert sd.parse_size("777x333") == (333, 777)
-
-
-# ---------------------------------------------------------------------------------------------
-# models
+import convert
+import zoo
+from convert import segment as cs
+from zoo import pretrained
 
 
 def _tent_weights(length: int, factor: int) -> np.ndarray:
@@ -136,7 +41,7 @@ def _tent_upsample(x: np.ndarray, factor: int) -> np.ndarray:
 @pytest.mark.parametrize("factor", [2, 4])
 def test_bilinear_transposed_conv_is_bilinear_interpolation(factor):
     x = np.random.default_rng(factor).standard_normal((2, 5, 7, 3)).astype(np.float32)
-    up = np.asarray(sm.TransposedConv(3, factor)(jnp.asarray(x)))
+    up = np.asarray(cs.TransposedConv(3, factor)(jnp.asarray(x)))
     assert up.shape == (2, 5 * factor, 7 * factor, 3)
     np.testing.assert_allclose(up, _tent_upsample(x, factor), atol=1e-5)
     # Where no zero padding is involved, it equals jax.image.resize's bilinear (half-pixel centres).
@@ -145,103 +50,248 @@ def test_bilinear_transposed_conv_is_bilinear_interpolation(factor):
     np.testing.assert_allclose(up[:, inner, inner], resized[:, inner, inner], atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", list(sm.VARIANTS))
-@pytest.mark.parametrize("size", [(29, 31), (45, 67), (64, 33)])
-def test_decoders_give_one_score_vector_per_pixel(converted, variant, size):
-    model = sm.grow_from_classifier(converted, variant, mean=0.13, std=0.31)
-    out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((2, *size, 1), jnp.float32))
-    assert out.shape == (2, *size, 11)
+# ---------------------------------------------------------------------------------------------
+# every backbone
 
 
-def test_output_strides_are_the_documented_ones(converted):
-    strides = {v: sm.grow_from_classifier(converted, v, mean=0.0, std=1.0).output_strides for v in sm.VARIANTS}
-    assert strides["fcn32s"] == {"score": 4, "final_upsampling": 4}
-    assert strides["fcn16s"] == {"score": 4, "skip1": 2, "final_upsampling": 2}
-    assert strides["fcn8s"] == {"score": 4, "skip1": 2, "skip2": 1, "final_upsampling": 1}
+def _user_sequential():
+    rngs = nnx.Rngs(0)
+    pool = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2))
+    return nnx.Sequential(
+        nnx.Conv(3, 8, (3, 3), rngs=rngs), jax.nn.relu, pool,
+        nnx.Conv(8, 16, (3, 3), rngs=rngs), jax.nn.relu, pool,
+        nnx.Conv(16, 16, (3, 3), rngs=rngs), jax.nn.relu, pool,
+        lambda x: x.reshape(x.shape[0], -1), nnx.Linear(4 * 4 * 16, 5, rngs=rngs))
 
 
-def test_score_layer_is_the_converted_classifier(converted):
-    mean, std = 0.1307, 0.3081
-    x = np.random.default_rng(0).random((1, 64, 80, 1)).astype(np.float32)
-    reference = np.asarray(converted((x - mean) / std))            # VALID: one cell per 28x28 window
-    baseline = np.asarray(sm.ConvertedClassifierScores(converted, mean=mean, std=std).coarse_scores(jnp.asarray(x)))
-    np.testing.assert_allclose(baseline[:, 3:-3, 3:-3], reference, atol=1e-4)
-    grown = sm.grow_from_classifier(converted, "fcn8s", mean=mean, std=std)
-    coarse = np.asarray(grown.coarse_scores(jnp.asarray(x)))
-    np.testing.assert_allclose(coarse[..., :10], baseline, atol=1e-5)
-    assert np.all(coarse[..., 10] == 0)  # the background filter starts at zero
-    # Skips start at zero (the paper's initialization): FCN-16s/8s add nothing to the coarse path yet.
-    assert all(np.all(np.asarray(s.kernel[...]) == 0) for s in grown.skip_scores)
+# name -> create_model options; small inputs keep the suite quick. Xception grows too (its VALID stem
+# sends it down the measured-geometry path: 40 s on this CPU, so it is left out of the suite).
+BACKBONES = {
+    "vgg16": dict(num_classes=7, input_size=32),
+    "resnet18": dict(num_classes=7, input_size=64),
+    "efficientnet_b0": dict(num_classes=7, input_size=64),
+    "googlenet": dict(num_classes=7, input_size=64),
+    "lenet5": dict(num_classes=10, input_size=32, in_channels=1),
+    "mnistnet": dict(num_classes=10, in_channels=1),
+}
 
 
-def test_metrics_against_a_hand_count():
-    labels = np.array([[0, 0, 10, 255], [1, 1, 10, 10]])
-    predicted = np.array([[0, 1, 10, 3], [1, 1, 0, 10]])
-    scores = seg.scores_from(seg.confusion(labels, predicted))
-    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; background: tp 2, fn 1 -> 2/3
-    assert scores["pixel_accuracy"] == pytest.approx(5 / 7)
-    assert scores["mean_iou"] == pytest.approx((1 / 3 + 2 / 3 + 2 / 3) / 3)
+@functools.cache
+def _converted(name: str):
+    if name == "user_sequential":
+        return convert.to_fcn(_user_sequential(), input_shape=(32, 32, 3))
+    model = zoo.create_model(name, rngs=1, **BACKBONES[name])
+    model.eval()
+    return convert.to_fcn(model)
 
 
-def test_tiles_give_the_untiled_answer(converted, monkeypatch):
-    model = sm.grow_from_classifier(converted, "fcn8s", mean=0.13, std=0.31)
-    rng = np.random.default_rng(1)
-    for s in model.skip_scores:  # non-zero skips so every path reaches the output
-        s.kernel.set_value(jnp.asarray(rng.standard_normal(s.kernel.shape) * 0.1, jnp.float32))
-    image = sd.generate_scene("test", 2, size=(150, 230)).image / 255.0
-    # Tiles see black background beyond the image's edges (TILE_MARGIN of it): so does this run.
-    m = seg.TILE_MARGIN
-    framed = np.pad(image, m)[None, ..., None].astype(np.float32)
-    whole = np.asarray(model(jnp.asarray(framed)))[0, m:-m, m:-m]
-    monkeypatch.setattr(seg, "TILE", 96)
-    predictor = seg.SegmentPredictor(model)
-    tiled = predictor.predict(image)
-    assert predictor.compilations == 1  # every tile runs at one bucket
-    np.testing.assert_allclose(tiled, whole, atol=1e-3)
+@pytest.mark.parametrize("name", [*BACKBONES, "user_sequential"])
+def test_every_backbone_grows_fcn8s_with_one_score_per_pixel(name):
+    fcn = _converted(name)
+    variant = "fcn8s" if len(fcn.stages) >= 3 else "fcn16s"
+    net = cs.grow_segmentation(fcn, variant, num_classes=4)
+    net.eval()
+    channels = fcn.input_shape[-1]
+    for size in ((37, 45), (64, 33)):
+        out = jax.eval_shape(lambda x: net(x), jax.ShapeDtypeStruct((2, *size, channels), jnp.float32))
+        assert out.shape == (2, *size, 4)
+    # The skips read the stages of stride S/2 and S/4, as in the paper (pool4, pool3 for VGG-16).
+    strides = net.output_strides
+    assert strides["score"] == fcn.stages[-1].stride
+    assert [strides[k] for k in strides if k.startswith("skip")] == [strides["score"] // 2, strides["score"] // 4][:net.skips]
+
+
+def test_vgg16_fcn8s_is_the_papers_network_and_one_step_lowers_the_loss():
+    fcn = _converted("vgg16")
+    net = cs.grow_segmentation(fcn, "fcn8s", num_classes=5)
+    assert [s.name for s in net.skip_stages] == ["pool4", "pool3"]
+    assert net.output_strides == {"score": 32, "skip1": 16, "skip2": 8, "final_upsampling": 8}
+    # fc6 (a 1x1 conv at this 32 px training size), fc7 and the new 5-class score conv, with dropout.
+    convs = [m for m in net.score if isinstance(m, nnx.Conv)]
+    assert [c.out_features for c in convs] == [4096, 4096, 5]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((2, 45, 53, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 5, (2, 45, 53)))
+    net.eval()
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    tx = optax.sgd(1e-3, momentum=0.9)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params, rest)(x)
+        assert logits.shape == (2, 45, 53, 5)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    params, opt_state, first = step(params, opt_state)
+    _, _, second = step(params, opt_state)
+    assert float(second) < float(first)
+
+
+@pytest.mark.parametrize("name", ["mnistnet", "resnet18"])
+def test_score_path_is_the_converted_classifier(name):
+    """Inside the image, the coarse scores are the converted classifier's, shifted by fc6's half kernel."""
+    fcn = _converted(name)
+    net = cs.grow_segmentation(fcn, "fcn8s", num_classes=fcn.num_classes + 1)
+    s = fcn.stages[-1].stride
+    h, w = (-(-(n + k * s) // s) * s for n, k in zip(fcn.input_shape[:2], (2, 3)))  # multiples of s
+    x = np.random.default_rng(0).random((1, h, w, fcn.input_shape[-1])).astype(np.float32)
+    coarse = np.asarray(net.coarse_scores(jnp.asarray(x)))
+    if fcn.pool == "flatten":  # the VALID fc6 judges windows; the centred copy puts cell k at k + (K-1)/2
+        reference = np.asarray(fcn(jnp.asarray(x)))
+        k = fcn.feature_shape[0]
+        inner = coarse[:, (k - 1) // 2:(k - 1) // 2 + reference.shape[1], (k - 1) // 2:(k - 1) // 2 + reference.shape[2]]
+    else:  # avg heads: the Dense as a 1x1 conv on every cell of the last map
+        reference, inner = np.asarray(fcn.score_map(jnp.asarray(x))), coarse
+    np.testing.assert_allclose(inner[..., :fcn.num_classes], reference, atol=1e-4)
+    assert np.all(coarse[..., fcn.num_classes] == 0)  # the new class's filter starts at zero
+    assert all(np.all(np.asarray(k.kernel[...]) == 0) for k in net.skip_scores)  # skips start at zero
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mnistnet"])
+@pytest.mark.parametrize("variant", ["fcn32s", "fcn16s"])
+def test_an_output_pixel_looks_where_it_is(name, variant):
+    """Alignment (the paper's crops), from the input gradient: its centroid must sit on the pixel.
+
+    LeNet-5 is VALID (its maps shrink and shift; the crops come from each stage's geometry), mnistnet
+    SAME-padded. Skips get random weights so every path reaches the output.
+    """
+    fcn = _converted(name)
+    net = cs.grow_segmentation(fcn, variant, num_classes=3)
+    rng = np.random.default_rng(2)
+    for k in net.skip_scores:
+        k.kernel.set_value(jnp.asarray(rng.standard_normal(k.kernel.shape) * 0.1, jnp.float32))
+    x = jnp.asarray(rng.random((1, 96, 96, 1)), jnp.float32)
+    for row, col in ((40, 50), (57, 33)):
+        grad = jax.grad(lambda x: net(x)[0, row, col].sum())(x)[0, ..., 0]
+        weight = np.abs(np.asarray(grad))
+        ys, xs = np.mgrid[:96, :96]
+        centroid = (float((weight * ys).sum() / weight.sum()), float((weight * xs).sum() / weight.sum()))
+        assert abs(centroid[0] - row) < 2.0 and abs(centroid[1] - col) < 2.0, (name, variant, centroid)
+
+
+def test_staged_growth_keeps_what_the_coarser_net_learned():
+    fcn = _converted("mnistnet")
+    net32 = cs.grow_segmentation(fcn, "fcn32s", num_classes=11)
+    for leaf in jax.tree.leaves(nnx.state(net32.score, nnx.Param)):
+        assert leaf is not None
+    net32.score[-1].bias.set_value(net32.score[-1].bias[...] + 1.5)  # "training"
+    net16 = cs.grow_from(net32, "fcn16s")
+    net8 = cs.grow_from(net16, "fcn8s")
+    np.testing.assert_array_equal(np.asarray(net16.score[-1].bias[...]), np.asarray(net32.score[-1].bias[...]))
+    assert net8.variant == "fcn8s" and len(net8.skip_scores) == 2
+    x = jnp.asarray(np.random.default_rng(3).random((1, 40, 44, 1)), jnp.float32)
+    # Zero skips: FCN-16s's first answer is FCN-32s's, up to two bilinear steps against one.
+    np.testing.assert_allclose(np.asarray(net16.coarse_scores(x)), np.asarray(net32.coarse_scores(x)), atol=1e-6)
+
+
+def test_save_and_load_give_the_same_net(tmp_path):
+    model = zoo.create_model("mnistnet", rngs=1, num_classes=10, in_channels=1)
+    model.eval()
+    net = cs.grow_segmentation(convert.to_fcn(model), "fcn16s", num_classes=11,
+                               preprocessing={"scale": 1 / 255, "mean": [0.13], "std": [0.31]},
+                               backbone={"model": "mnistnet", "kwargs": {"num_classes": 10, "in_channels": 1}})
+    net.skip_scores[0].bias.set_value(jnp.arange(11, dtype=jnp.float32))
+    cs.save_segmentation(net, tmp_path / "net", metadata={"class_names": list("abcdefghijk")})
+    loaded = cs.load_segmentation(tmp_path / "net")
+    x = jnp.asarray(np.random.default_rng(4).random((1, 50, 61, 1)), jnp.float32)
+    net.eval()
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(net(x)), atol=1e-6)
+    user = cs.grow_segmentation(_converted("user_sequential"), "fcn8s", num_classes=3)
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        cs.save_segmentation(user, tmp_path / "user")
+
+
+def test_missing_skip_stages_are_refused():
+    from zoo.stages import Stage
+
+    stages = [Stage("a", 2, 3), Stage("b", 8, 4), Stage("c", 16, 5)]
+    assert cs.pick_skip_stages(stages, 1) == [stages[1]]
+    with pytest.raises(ValueError, match="fewer skips"):  # no stride-4 stage for the second skip
+        cs.pick_skip_stages(stages, 2)
 
 
 # ---------------------------------------------------------------------------------------------
-# shipped weights
+# the one predictor
 
 
-SHIPPED = sorted(p for p in Path(seg._weights_paths("fcn8s", "x")[0]).parent.glob("fcn*s-*.json"))
+def test_tiles_give_the_untiled_answer():
+    fcn = _converted("mnistnet")
+    net = cs.grow_segmentation(fcn, "fcn8s", num_classes=11)
+    rng = np.random.default_rng(1)
+    for k in net.skip_scores:  # non-zero skips so every path reaches the output
+        k.kernel.set_value(jnp.asarray(rng.standard_normal(k.kernel.shape) * 0.1, jnp.float32))
+    net.eval()
+    image = (rng.random((150, 230, 1)) > 0.8).astype(np.float32)
+    predictor = convert.DensePredictor(net, tile=96)
+    m = predictor.tile_margin
+    # Tiles see black beyond the image's edges (a margin of it): so does this whole-image run.
+    whole = np.asarray(net(jnp.asarray(np.pad(image, ((m, m), (m, m), (0, 0)))[None])))[0, m:-m, m:-m]
+    tiled = predictor.predict(image)
+    assert predictor.compilations == 1  # every tile runs at one bucket
+    assert tiled.scores.shape == (150, 230, 11)
+    np.testing.assert_allclose(tiled.scores, whole, atol=1e-3)
+    small = convert.DensePredictor(net).predict(image[:70, :90])
+    assert small.scores.shape == (70, 90, 11) and small.labels().shape == (70, 90)
 
 
-def test_segmentation_weights_are_shipped():
-    assert any(p.name == f"fcn8s-{seg.DEFAULT_TAG}.json" for p in SHIPPED), "no shipped FCN-8s weights"
+# ---------------------------------------------------------------------------------------------
+# the one weight store
 
 
-@pytest.mark.parametrize("meta_path", SHIPPED, ids=lambda p: p.stem)
-def test_shipped_weights_reproduce_their_recorded_mean_iou(mnist, meta_path):
-    meta = json.loads(meta_path.read_text())
-    data = (meta_path.parent / meta["weights_file"]).read_bytes()
-    assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) < 2**20
-    model = seg.load_shipped(meta["model"], meta["tag"])
+SHIPPED = pretrained.shipped("segmentation")
+
+
+def test_segmentation_nets_are_shipped_beside_the_classifiers():
+    names = {name for name, _ in SHIPPED}
+    assert {"mnistnet_fcn32s", "mnistnet_fcn16s", "mnistnet_fcn8s"} <= names
+    for name, tag in SHIPPED:
+        meta = pretrained.metadata(name, tag)
+        assert meta["format"] == pretrained.FORMAT and meta["kind"] == "segmentation"
+        data = (pretrained.WEIGHTS_DIR / meta["weights_file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) < 2**20
+        assert len(meta["class_names"]) == meta["segmentation"]["num_classes"]
+
+
+@pytest.mark.parametrize("name,tag", SHIPPED, ids=[f"{n}-{t}" for n, t in SHIPPED])
+def test_shipped_nets_reproduce_their_recorded_mean_iou(name, tag):
+    from train import digit_scenes, tasks
+
+    meta = pretrained.metadata(name, tag)
     check = meta["check"]
-    scenes = [sd.generate_scene("test", i) for i in range(check["scenes"])]
-    scenes = [(s.image, s.label) for s in scenes]
-    result = seg.evaluate(seg.fcn_labeler(seg.SegmentPredictor(model, ladder=tuple(check["ladder"]))), scenes)
+    net = cs.load_shipped_segmentation(name, tag)
+    predictor = convert.DensePredictor(net)
+    matrix = np.zeros((net.num_classes, net.num_classes), np.int64)
+    for index in range(check["scenes"]):
+        scene = digit_scenes.generate_scene("test", index)
+        labels = predictor.predict(scene.image[..., None] / 255.0).labels()
+        matrix += tasks.confusion(scene.label, labels, net.num_classes)
+    scores = tasks.scores_from_confusion(matrix)
     # Same scenes, same weights: only float summation order may differ between machines, flipping
     # the arg-max of a few near-tie pixels; 0.005 mean IU is about 250 pixels of the rarest class.
-    assert result["mean_iou"] == pytest.approx(check["mean_iou"], abs=0.005)
-    assert result["pixel_accuracy"] == pytest.approx(check["pixel_accuracy"], abs=0.001)
+    assert scores["mean_iou"] == pytest.approx(check["mean_iou"], abs=0.005)
+    assert scores["pixel_accuracy"] == pytest.approx(check["pixel_accuracy"], abs=0.001)
 
 
 def test_damaged_segmentation_weights_are_refused(tmp_path):
-    if not SHIPPED:
-        pytest.skip("no shipped segmentation weights")
-    meta = json.loads(SHIPPED[0].read_text())
-    for name in (SHIPPED[0].name, meta["weights_file"]):
-        (tmp_path / name).write_bytes((SHIPPED[0].parent / name).read_bytes())
+    name, tag = SHIPPED[0]
+    meta = pretrained.metadata(name, tag)
+    for file in (f"{name}-{tag}.json", meta["weights_file"]):
+        (tmp_path / file).write_bytes((pretrained.WEIGHTS_DIR / file).read_bytes())
     damaged = bytearray((tmp_path / meta["weights_file"]).read_bytes())
     damaged[-1] ^= 0xFF
     (tmp_path / meta["weights_file"]).write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="sha256"):
-        seg.load_shipped(meta["model"], meta["tag"], weights_dir=tmp_path)
+        cs.load_shipped_segmentation(name, tag, weights_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# reading images and bad input
+# reading images and `zoo segment` on bad input
 
 
 def _zoo(argv, capsys):
@@ -261,18 +311,11 @@ def test_not_an_image(tmp_path, capsys):
 
 def test_truncated_image(tmp_path, capsys):
     full = tmp_path / "full.png"
-    Image.fromarray(sd.generate_scene("test", 0, size=(100, 120)).image).save(full)
+    Image.fromarray((np.random.default_rng(0).random((100, 120)) * 255).astype(np.uint8)).save(full)
     cut = tmp_path / "cut.png"
     cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
     code, output = _zoo(["segment", str(cut)], capsys)
     assert code == 2 and "truncated" in output
-
-
-def test_tiny_image(tmp_path, capsys):
-    path = tmp_path / "dot.png"
-    Image.new("L", (1, 1), 255).save(path)
-    code, output = _zoo(["segment", str(path)], capsys)
-    assert code == 2 and "at least 28x28" in output
 
 
 def test_enormous_image_is_refused_before_decoding(tmp_path, capsys):
@@ -282,39 +325,41 @@ def test_enormous_image_is_refused_before_decoding(tmp_path, capsys):
     assert code == 2 and "limit" in output and "megapixels" in output
 
 
-def test_missing_file_and_no_input(tmp_path, capsys):
+def test_missing_file_no_input_and_unknown_model(tmp_path, capsys):
     code, output = _zoo(["segment", str(tmp_path / "nope.png")], capsys)
     assert code == 2 and "not found" in output
     code, output = _zoo(["segment"], capsys)
     assert code == 2 and "--scene" in output
+    code, output = _zoo(["segment", "--scene", "100x80", "--model", "nonesuch_fcn8s"], capsys)
+    assert code == 2 and "shipped" in output
 
 
 def test_alpha_channel_becomes_background(tmp_path):
-    from train.segment_demo import read_image
+    from convert.predict import read_image
 
-    ink = sd.generate_scene("test", 1, size=(60, 90)).image
+    ink = (np.random.default_rng(1).random((60, 90)) > 0.7).astype(np.uint8) * 255
     rgba = np.zeros((60, 90, 4), np.uint8)
     rgba[..., 0] = 200  # transparent pixels carry a colour that must not show
     rgba[..., 3] = ink  # white ink whose coverage is the alpha channel
     rgba[..., :3][ink > 0] = 255
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    array, notes = read_image(path)
-    np.testing.assert_allclose(array, ink / 255.0, atol=1 / 255)
+    array, notes = read_image(path, 1, invert=None)
+    np.testing.assert_allclose(array[..., 0], ink / 255.0, atol=1 / 255)
     assert notes["alpha"] == "composited over black" and not notes["inverted"]
     # Dark ink on a transparent sheet: composited over white, then inverted to MNIST's polarity.
     rgba[..., :3] = 0
     Image.fromarray(rgba, "RGBA").save(path)
-    array, notes = read_image(path)
-    np.testing.assert_allclose(array, ink / 255.0, atol=1 / 255)
+    array, notes = read_image(path, 1, invert=None)
+    np.testing.assert_allclose(array[..., 0], ink / 255.0, atol=1 / 255)
     assert notes["alpha"] == "composited over white" and notes["inverted"]
 
 
-def test_dark_on_light_rgb_is_inverted(tmp_path):
-    from train.segment_demo import read_image
-
-    ink = sd.generate_scene("test", 1, size=(60, 90)).image
-    path = tmp_path / "paper.jpg"
-    Image.fromarray(np.repeat(255 - ink[..., None], 3, -1)).save(path, quality=95)
-    array, notes = read_image(path)
-    assert notes["inverted"] and np.abs(array - ink / 255.0).mean() < 0.02
+def test_segment_a_scene_end_to_end(tmp_path, capsys):
+    out = tmp_path / "scene.png"
+    code, output = _zoo(["segment", "--scene", "200x120", "--seed", "1", "--out", str(out), "--json"], capsys)
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["mean_iou"] > 0.5 and report["compilations"] >= 1
+    with Image.open(out) as picture:
+        assert picture.size[0] > 400

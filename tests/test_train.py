@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import data, loop
+from train import data, loop, tasks
 from train.config import TrainConfig
 
 pytestmark = pytest.mark.skipif(not data.is_prepared("mnist"), reason="mnist is not prepared (`zoo data prepare mnist`)")
@@ -60,6 +60,9 @@ def reference() -> loop.TrainResult:
     (dict(optimizer="rmsprop"), "adamw, sgd"),
     (dict(augment_erase=1.5), r"augment_erase is a probability in \[0, 1\]"),
     (dict(init_from="no/such/run/model"), "is not a saved model directory"),
+    (dict(variant="fcn32s"), "variant applies to segmentation data sets; 'mnist' is a classification data set"),
+    (dict(crop_size=64, pretrained="mnist"), "pretrained, crop_size apply to segmentation data sets"),
+    (dict(variant="fcn4s"), "unknown variant 'fcn4s'; use one of fcn32s, fcn16s, fcn8s"),
 ])
 def test_impossible_settings_fail_before_anything_compiles(monkeypatch, changes, message):
     def no_compiling(*args, **kwargs):
@@ -84,10 +87,10 @@ def test_init_from_starts_training_from_saved_weights(tmp_path, reference):
     saved = tmp_path / "model"
     saving.save_model(reference.model, saved, model_name="lenet5")
     shape, classes = data.get_source("mnist").image_shape, 10
-    started = saving.flat_state(loop.build_model(TrainConfig(**BASE, init_from=str(saved)), shape, classes))
+    started = saving.flat_state(tasks.build_classifier(TrainConfig(**BASE, init_from=str(saved)), shape, classes))
     trained = saving.flat_state(reference.model)
     assert_same_weights(started, trained, rtol=0, atol=0)
-    fresh = saving.flat_state(loop.build_model(TrainConfig(**BASE), shape, classes))
+    fresh = saving.flat_state(tasks.build_classifier(TrainConfig(**BASE), shape, classes))
     assert not all(np.array_equal(fresh[k], trained[k]) for k in fresh)  # two updates moved the weights
     with pytest.raises(ValueError, match="holds a 'lenet5' model, but model='mnistnet'"):
         TrainConfig(**{**BASE, "model": "mnistnet", "model_kwargs": {}}, init_from=str(saved)).validate()
@@ -115,7 +118,7 @@ def test_bf16_computes_in_bf16_and_keeps_float32_parameters(reference):
     all_diffs = np.concatenate([np.abs(result.final_weights[k] - reference.final_weights[k]).ravel()
                                 for k in reference.final_weights])
     assert np.median(all_diffs) < 0.1 * lr
-    model = loop.init_model(TrainConfig(**{**BASE, "dtype": "bfloat16"}), (28, 28, 1), 10)
+    model = tasks.build_classifier(TrainConfig(**{**BASE, "dtype": "bfloat16"}), (28, 28, 1), 10)
     assert model(np.zeros((1, 28, 28, 1), np.float32)).dtype == jax.numpy.bfloat16
 
 
@@ -125,7 +128,7 @@ def test_remat_gives_the_same_weights(reference):
 
 
 def test_remat_wraps_every_backbone_block_and_keeps_parameter_paths():
-    model = loop.init_model(TrainConfig(**BASE), (28, 28, 1), 10)
+    model = tasks.build_classifier(TrainConfig(**BASE), (28, 28, 1), 10)
     before = sorted(loop._flat(__import__("flax").nnx.state(model)).keys())
     blocks = loop.remat_blocks(model)
     assert blocks == len(model.features.step_names)

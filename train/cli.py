@@ -73,7 +73,9 @@ def cmd_train(args) -> int:
     config = TrainConfig(
         model=args.model, dataset=args.dataset, model_kwargs=model_kwargs, data_dir=args.data_dir,
         train_examples=args.train_examples, test_examples=args.test_examples,
-        validation_examples=args.validation_examples, init_from=args.init_from, epochs=args.epochs, batch_size=args.batch_size,
+        validation_examples=args.validation_examples, init_from=args.init_from, variant=args.variant,
+        pretrained=args.pretrained, crop_size=args.crop_size, freeze_batchnorm=args.freeze_batchnorm,
+        epochs=args.epochs, batch_size=args.batch_size,
         accumulate=args.accumulate, optimizer=args.optimizer, momentum=args.momentum, learning_rate=args.lr,
         schedule=args.schedule, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, ema_decay=args.ema, grad_clip_norm=args.clip,
@@ -82,30 +84,38 @@ def cmd_train(args) -> int:
         dtype="bfloat16" if args.bf16 else "float32", remat=args.remat, data_parallel=args.data_parallel,
         seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, max_steps=args.max_steps,
-        steps_per_call=args.steps_per_call, progress=not args.no_progress, fast_compile=args.fast_compile)
+        steps_per_call=args.steps_per_call, eval_batch_size=args.eval_batch_size, progress=not args.no_progress,
+        fast_compile=args.fast_compile)
     try:
         result = train(config)
     except (TrainingDiverged, CheckpointError) as e:
         print(f"zoo train: {e}", file=sys.stderr)
         return 1
-    print(f"best {'validation' if config.validation_examples else 'test'} accuracy {result.best_accuracy:.4%} "
-          f"at step {result.best_step} (epoch {result.best_epoch:g}); its test accuracy {result.test_accuracy:.4%}; "
-          f"{result.steps} steps in {result.seconds:.1f} s"
-          + (f"; model saved to {result.model_dir}" if result.model_dir else ""))
+    name = {"accuracy": "accuracy", "mean_iou": "mean IU"}[result.metric]
+    split = "validation" if config.validation_examples else "test"
+    also = "" if result.metric == "accuracy" else f", pixel accuracy {result.test_metrics['pixel_accuracy']:.4%}"
+    print(f"best {split} {name} {result.best_score:.4%} at step {result.best_step} (epoch {result.best_epoch:g}); "
+          f"its test {name} {result.test_metrics[result.metric]:.4%}{also}; {result.steps} steps in "
+          f"{result.seconds:.1f} s" + (f"; model saved to {result.model_dir}" if result.model_dir else ""))
     return 0
 
 
 def add_train_command(subparsers) -> None:
-    from train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+    import argparse
+
+    from train.config import OPTIMIZERS, SCHEDULES, SEGMENTATION_VARIANTS, TrainConfig
 
     d = TrainConfig(model="")
     p = subparsers.add_parser(
-        "train", help="train a zoo model on a prepared data set",
-        description="Train MODEL on DATASET (see `zoo data prepare`). Out of memory? One switch each: "
+        "train", help="train a zoo model (or an FCN on it) on a prepared data set",
+        description="Train MODEL on DATASET (see `zoo data prepare`). On a segmentation data set "
+                    "(digit_scenes) MODEL is the backbone of an FCN: --variant fcn32s|fcn16s|fcn8s, "
+                    "--pretrained TAG (or --init-from DIR), --crop-size N. Out of memory? One switch each: "
                     "--batch-size B --accumulate K (same update as one batch B, K passes of B/K), --bf16, "
                     "--remat, --data-parallel.")
-    p.add_argument("model", metavar="MODEL", help="a model name from `zoo list`")
-    p.add_argument("--dataset", default=d.dataset, help="mnist or fashion_mnist (default: %(default)s)")
+    p.add_argument("model", metavar="MODEL", help="a model name from `zoo list` (segmentation: the backbone)")
+    p.add_argument("--dataset", default=d.dataset,
+                   help="mnist, fashion_mnist, or a segmentation data set such as digit_scenes (default: %(default)s)")
     p.add_argument("--model-kwargs", help="JSON object of zoo.create_model options, e.g. '{\"input_padding\": 2}'")
     p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -132,7 +142,17 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--data-parallel", action="store_true", help="split each batch over all devices")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", metavar="DIR", help="start from the weights of a saved model of the same "
-                   "architecture (a run's model/ directory) instead of a random initialization")
+                   "architecture (a run's model/ directory) instead of a random initialization; for "
+                   "segmentation also a saved FCN (FCN-16s from a trained FCN-32s) or the backbone classifier")
+    p.add_argument("--variant", choices=SEGMENTATION_VARIANTS,
+                   help="segmentation: the FCN (required on segmentation data sets)")
+    p.add_argument("--pretrained", metavar="TAG",
+                   help="segmentation: shipped weights of the backbone MODEL, e.g. mnist (see `zoo list`)")
+    p.add_argument("--crop-size", type=int, default=d.crop_size,
+                   help="segmentation: training crops of N x N pixels (default: %(default)s)")
+    p.add_argument("--freeze-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm keeps its statistics in training (default: on for segmentation, off for "
+                        "classification)")
     p.add_argument("--out", help="output directory: metrics.jsonl, curves.png, checkpoints/, model/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -144,6 +164,8 @@ def add_train_command(subparsers) -> None:
                    help="hold out the last N training examples to pick the best epoch (default: the test split)")
     p.add_argument("--max-steps", type=int, help="stop after this many updates")
     p.add_argument("--steps-per-call", type=int, default=1, help="updates per jitted call (fast devices)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="examples per evaluation batch (segmentation: at most 2^20 pixels; default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fast-compile", action="store_true",
                    help="compile without XLA backend optimizations (smoke runs: quicker start, slower steps)")

@@ -17,7 +17,7 @@ through package installers and every file is checked against a known sha256:
 
 The builders subclass TFDS's stock `MNIST` / `FashionMNIST` (same name, version and features) and only
 replace the split generation: local IDX files from the builder's `manual_dir` instead of downloads,
-PNG encoding with Pillow instead of `tf.image.encode_png`.
+PNG encoding in numpy and zlib (`encode_png`) instead of `tf.image.encode_png`.
 
 Reading: `load_arrays(name, split)` -> uint8 images (N, 28, 28, 1) and int32 labels (N,), decoded once
 per process through `tfds.data_source` and kept in memory (all of MNIST is 55 MB: it fits on any device).
@@ -355,7 +355,7 @@ SOURCE_FETCHERS: dict[str, Callable[[Path, bool], Path]] = {
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def encode_png(image: np.ndarray, *, filter_up: bool = False) -> bytes:
+def encode_png(image: np.ndarray, *, filter_up: bool = False, level: int = 9) -> bytes:
     """An 8-bit PNG of `image`: (H, W) or (H, W, 1) grayscale, or (H, W, 3) RGB, uint8.
 
     Every row gets the same filter: type 0 (none), or with `filter_up` type 2 (each byte minus the
@@ -363,6 +363,8 @@ def encode_png(image: np.ndarray, *, filter_up: bool = False) -> bytes:
     up filter, a cumulative sum down the rows. Unfiltered files are a few percent bigger
     than adaptively filtered ones at 28x28, which does not matter; for photographs and label maps the
     up filter makes them about as small as Pillow's adaptive filtering (unfiltered: ~40% bigger).
+    `level` is zlib's: 9 costs nothing at 28x28, but on large images (photographs, scenes, label
+    maps) level 3 is 2.5x (vs 6) to 20x (vs 9) faster for files 2-15% bigger.
     """
     image = np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim == 3 and image.shape[2] == 1:
@@ -381,7 +383,7 @@ def encode_png(image: np.ndarray, *, filter_up: bool = False) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)  # 8 bits per sample, no interlace
-    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, level)) + chunk(b"IEND", b"")
 
 
 def decode_png(data: bytes) -> np.ndarray:

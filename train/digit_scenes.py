@@ -27,8 +27,10 @@ It is one of the segmentation data sets of `train.segmentation_data`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import sys
 from pathlib import Path
@@ -248,7 +250,7 @@ def builder_class():
 def _png(array: np.ndarray) -> bytes:
     from train import data
 
-    return data.encode_png(array, filter_up=True)
+    return data.encode_png(array, filter_up=True, level=3)
 
 
 def is_prepared(data_dir=None) -> bool:
@@ -307,8 +309,10 @@ def prepare_scenes(data_dir=None, *, seed: int = DEFAULT_SEED, sizes: dict[str, 
         mnist_dir = str(Path(data_dir).expanduser().resolve())
     mnist_digits("train", mnist_dir)  # prepares MNIST when needed, before TFDS starts
     builder = builder_class()(data_dir=str(target.parent.parent), sizes=sizes, seed=seed, mnist_data_dir=mnist_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False), file_format="array_record")
+    # TFDS prints its own banner; quiet means nothing at all (errors still raise), as in train.data.prepare.
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False), file_format="array_record")
     if not is_prepared(data_dir):
         raise RuntimeError(f"TFDS finished but {target} does not hold both splits; see the log above")
     return target

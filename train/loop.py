@@ -1,22 +1,36 @@
-"""The training loop: `train(TrainConfig) -> TrainResult`.
+"""The training loop: `train(TrainConfig) -> TrainResult`, one loop for every task.
 
     from train.config import TrainConfig
     from train.loop import train
     result = train(TrainConfig(model="lenet5", model_kwargs={"input_padding": 2}, epochs=3,
                                out_dir="runs/lenet5"))
-    result.best_accuracy, result.model          # best weights, eval mode
+    result.best_score, result.test_metrics, result.model      # best weights, eval mode
 
-How a step runs (see `make_functions`): the data set lives on the device as uint8; each
-update gathers its batch by index from a permutation that is a pure function of
-(seed, epoch), augments it with per-example keys folded from (seed, step), and runs
-`accumulate` forward/backward passes in a `lax.scan`, averaging the gradients before one
-optax update. The jitted functions are pure, over `nnx.split` state: NNX's Python-side graph
-handling happens once, at trace time, not on every step. Because nothing depends on the
-host's history, a run resumed from a mid-epoch checkpoint repeats an uninterrupted one.
+The data set picks the task (`train.tasks`): classification (loss, accuracy, augmentation) or
+segmentation (FCN-32s/16s/8s on random crops, per-pixel loss, mean IU); the loop is the same.
+
+How a step runs (see `make_functions`): the data set lives on the device as uint8; each update
+gathers its batch by index from the epoch's data order, which is the (epoch + 1)-th permutation
+of `np.random.default_rng(seed)`; the task augments (or crops) it with the per-example keys
+`jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch)`; dropout draws from
+the model's own RNG streams (`nnx.Rngs(params=seed, dropout=seed + 1)` at creation), whose counts
+travel in the train state. `accumulate` forward/backward passes run in a `lax.scan`, averaging the
+gradients before one optax update. The jitted functions are pure, over `nnx.split` state: NNX's
+Python-side graph handling happens once, at trace time, not on every step. Because nothing
+depends on the host's history, a run resumed from a mid-epoch checkpoint repeats an uninterrupted
+one.
+
+For one float32 device and accumulate=1 this is, step for step, the update that trained every
+shipped classifier (the former `train.recipes.train_minimal`, kept as the reference of
+tests/test_train_equivalence.py). With accumulate > 1 the micro-batches draw their dropout masks
+one after another and BatchNorm normalizes each micro-batch by its own statistics, and with
+data_parallel XLA may sum the gradients in another order, so those numbers differ from it
+(accumulation equals the whole batch exactly only for models without BatchNorm and dropout).
 
 Outputs in `out_dir`: config.json, metrics.jsonl (one line per epoch), curves.png,
-checkpoints/ (Orbax), and model/ (the best weights, `zoo.saving.save_model`, readable by
-`zoo convert` and `zoo.saving.load_model`).
+checkpoints/ (Orbax), and model/ (the best weights: `zoo.saving.save_model` for a classifier,
+readable by `zoo convert` and `zoo.saving.load_model`; `convert.save_segmentation` for a
+segmentation net).
 """
 
 from __future__ import annotations
@@ -24,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -37,10 +50,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from train import augment, parallel
+from train import parallel, tasks
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from zoo.pretrained import preprocess
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,9 +65,11 @@ class TrainResult:
 
     Attributes:
         model: the best weights (EMA weights when ema_decay is set), in eval mode.
-        best_accuracy: its validation accuracy (test accuracy when validation_examples is 0).
+        metric: the selection metric, "accuracy" (classification) or "mean_iou" (segmentation).
+        best_score: the best model's validation score (test score when validation_examples is 0).
         best_step / best_epoch: when it was reached.
-        test_accuracy: the best model's accuracy on the test split.
+        test_metrics: the best model's scores on the test split: {"loss", "accuracy"}, or
+            {"loss", "pixel_accuracy", "mean_iou", "class_iou"}.
         final_weights: {dotted path: array} of the last step's raw (non-EMA) weights.
         history: the metrics.jsonl records.
         steps: updates done; seconds: wall time of this call, compile included.
@@ -63,16 +77,27 @@ class TrainResult:
     """
 
     model: nnx.Module
-    best_accuracy: float
+    metric: str
+    best_score: float
     best_step: int
     best_epoch: float
-    test_accuracy: float
+    test_metrics: dict[str, Any]
     final_weights: dict[str, np.ndarray]
     history: list[dict[str, Any]]
     steps: int
     seconds: float
     out_dir: Path | None
     model_dir: Path | None
+
+    @property
+    def test_accuracy(self) -> float:
+        """Test accuracy (classification) or pixel accuracy (segmentation) of the returned model."""
+        return self.test_metrics.get("accuracy", self.test_metrics.get("pixel_accuracy"))
+
+    @property
+    def best_accuracy(self) -> float:
+        """`best_score` under its classification name."""
+        return self.best_score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,20 +109,19 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def init_model(config: TrainConfig, task) -> nnx.Module:
-    """The network a run starts from, in train mode (a seam the tests replace)."""
+    """The network a run starts from (a seam the tests replace): `task.build()`."""
     return task.build()
 
 
 def split_model(model: nnx.Module):
     """(graphdef, params, RNG keys, RNG counts, other): "other" is what is neither a Param nor an
-    RNG state (BatchNorm statistics). Keys never change; counts advance with every dropout mask."""
+    RNG state (BatchNorm statistics). Keys never change; a stream's count advances with each draw."""
     return nnx.split(model, nnx.Param, nnx.RngKey, nnx.RngCount, ...)
 
 
 def freeze_batchnorm(model: nnx.Module) -> int:
-    """Make every nnx.BatchNorm use its running statistics in train mode too (dropout stays on).
-
-    Returns the number of BatchNorm layers frozen."""
+    """Make every nnx.BatchNorm normalize with its running statistics in train mode too (dropout
+    stays active): a segmentation net keeps its classifier's statistics. Returns how many."""
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
     for layer in layers:
         layer.use_running_average = True
@@ -105,14 +129,16 @@ def freeze_batchnorm(model: nnx.Module) -> int:
 
 
 def remat_blocks(model: nnx.Module) -> int:
-    """Rematerialize each top-level block of `model.features` (an `nnx.List` counts as its items).
+    """Rematerialize each top-level block of the backbone, `model.features` (a classifier) or
+    `model.backbone` (a segmentation net); an `nnx.List` counts as its items.
 
     The block's activations are dropped after the forward pass and recomputed in the backward
     pass: less memory, about one more forward pass of compute. Parameter paths do not change
     (the block's class is swapped for a subclass whose `__call__` runs under `nnx.remat`), so
     checkpoints and saved weights are the same as without remat. Returns the number of blocks.
     """
-    backbone = getattr(model, "features", model)
+    backbone = next((b for b in (getattr(model, "features", None), getattr(model, "backbone", None))
+                     if isinstance(b, nnx.Module)), model)
     blocks = []
     for _, child in nnx.iter_children(backbone):
         if isinstance(child, nnx.List):
@@ -183,120 +209,114 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
 class Functions:
     """The pure, jitted pieces of a run (built by `make_functions`)."""
 
-    train_steps: Any   # (state, images, labels, order, n) -> (state, metrics (n, 3): loss, accuracy, lr)
-    evaluate: Any      # (params, other, images, labels, mask) -> (loss sum, correct count)
-    permutation: Any   # (epoch) -> (steps_per_epoch * batch_size,) int32 indices
+    train_steps: Any   # (state, arrays, order, n) -> (state, metrics (n, 3): loss, train metric, lr)
+    evaluate: Any      # (params, other, images, labels, mask) -> the task's totals
 
 
-def make_functions(config: TrainConfig, *, train_graphdef, eval_graphdef, rng_state, tx, schedule, num_classes: int,
-                   num_train: int, steps_per_epoch: int, preprocessing: dict, mesh=None) -> Functions:
+def step_keys(seed: int, step, batch: int):
+    """(batch,) per-example keys of update `step`: augmentation (classification) or crops (segmentation)."""
+    return jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch)
+
+
+def epoch_order(seed: int, epoch: int, num_train: int, length: int) -> np.ndarray:
+    """The data order of `epoch`: the (epoch + 1)-th permutation drawn from np.random.default_rng(seed).
+
+    One permutation per epoch in sequence, as the loop that trained the shipped weights drew them;
+    recomputed from a fresh generator, so resuming needs no generator state. (length,) int32.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(epoch):
+        rng.permutation(num_train)
+    return rng.permutation(num_train)[:length].astype(np.int32)
+
+
+def make_functions(config: TrainConfig, task, *, train_graphdef, eval_graphdef, rng_keys, rng_counts, tx, schedule,
+                   steps_per_epoch: int, mesh=None) -> Functions:
     """Build the jitted train/eval functions of a run.
 
-    The train state is a dict {"step", "params", "other", "opt_state", "ema"}: "params" and
-    "other" (BatchNorm statistics, anything not a Param or an RNG) are `nnx.State`s of the model.
+    The train state is a dict {"step", "params", "rng_counts", "other", "opt_state", "ema"}:
+    "params", "rng_counts" and "other" are `nnx.State`s of the model (`split_model`). The RNG keys,
+    which never change, are closed over (`rng_counts`, the initial counts, only serve evaluation,
+    which draws no random numbers). "ema" is {"params", "other"}, or None without ema_decay.
     """
-    compute_dtype = jnp.dtype(config.dtype)
-    batch = config.batch_size
-    micro = config.micro_batch_size
-    k = config.accumulate
-    # Keys are derived inside the jitted functions: eager key ops would each compile on their own.
-    order_key = lambda: jax.random.fold_in(jax.random.key(config.seed), 0)  # noqa: E731
-    step_key_root = lambda: jax.random.fold_in(jax.random.key(config.seed), 1)  # noqa: E731
+    batch, micro, k = config.batch_size, config.micro_batch_size, config.accumulate
     shard_batch = (lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))) if mesh else (lambda x: x)
+    fresh = lambda tree: jax.tree.map(lambda v: v, tree)  # noqa: E731
 
-    def prepare_batch(images_uint8, keys=None):
-        if keys is not None:  # augment in [0, 255] so the background stays exactly 0
-            images_uint8 = augment.from_config(keys, images_uint8.astype(jnp.float32), config)
-        return preprocess(images_uint8, preprocessing).astype(compute_dtype)
-
-    def loss_fn(params, other, x, y, dropout_key):
-        # Fresh Variables at this trace level (value_and_grad passes `other` through as is):
-        # BatchNorm may only update statistics it created at the current trace level.
-        other = jax.tree.map(lambda v: v, other)
-        model = nnx.merge(train_graphdef, params, jax.tree.map(lambda v: v, rng_state), other)
-        nnx.reseed(model, dropout=dropout_key)  # dropout masks: a pure function of (seed, step)
-        logits = model(x).astype(jnp.float32)
-        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing) \
-            if config.label_smoothing else jax.nn.one_hot(y, num_classes)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
-        new_other = nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
-        return loss, (new_other, (logits.argmax(-1) == y).mean())
+    def loss_fn(params, counts, other, x, y):
+        # Fresh Variables at this trace level (value_and_grad passes the rest through as is):
+        # BatchNorm may only update statistics, and dropout only counts, created at this level.
+        model = nnx.merge(train_graphdef, params, fresh(rng_keys), fresh(counts), fresh(other))
+        loss, metric = task.loss(model(x).astype(jnp.float32), y)
+        _, _, _, counts, other = split_model(model)
+        return loss, (counts, other, metric)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def one_update(state, images, labels, order):
+    def one_update(state, arrays, order):
         step = state["step"]
-        step_key = jax.random.fold_in(step_key_root(), step)
-        start = (step % steps_per_epoch) * batch
-        idx = jax.lax.dynamic_slice_in_dim(order, start, batch)
-        keys = jax.random.split(jax.random.fold_in(step_key, 0), batch)  # one per example
-        x = shard_batch(prepare_batch(images[idx], keys if augment.requested(config) else None))
-        y = shard_batch(labels[idx])
-        dropout_root = jax.random.fold_in(step_key, 1)
+        idx = jax.lax.dynamic_slice_in_dim(order, (step % steps_per_epoch) * batch, batch)
+        x, y = task.batch(arrays, idx, step_keys(config.seed, step, batch))
+        x, y = shard_batch(x), shard_batch(y)
 
         def micro_step(carry, inputs):
-            other, grad_sum = carry
-            xm, ym, j = inputs
-            (loss, (other, acc)), grads = grad_fn(state["params"], other, xm, ym, jax.random.fold_in(dropout_root, j))
-            return (other, jax.tree.map(jnp.add, grad_sum, grads)), (loss, acc)
+            counts, other, grad_sum = carry
+            (loss, (counts, other, metric)), grads = grad_fn(state["params"], counts, other, *inputs)
+            return (counts, other, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metric)
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        xs = (x.reshape(k, micro, *x.shape[1:]), y.reshape(k, micro), jnp.arange(k))
-        (other, grad_sum), (losses, accs) = jax.lax.scan(micro_step, (state["other"], zeros), xs)
+        xs = (x.reshape(k, micro, *x.shape[1:]), y.reshape(k, micro, *y.shape[1:]))
+        (counts, other, grad_sum), (losses, metrics) = jax.lax.scan(
+            micro_step, (state["rng_counts"], state["other"], zeros), xs)
         grads = jax.tree.map(lambda g: g / k, grad_sum)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new_state = {"step": step + 1, "params": params, "other": other, "opt_state": opt_state, "ema": state["ema"]}
+        new_state = {"step": step + 1, "params": params, "rng_counts": counts, "other": other,
+                     "opt_state": opt_state, "ema": state["ema"]}
         if config.ema_decay is not None:
             # The usual warmup of the decay: early averages do not drag in the random init.
             decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
             new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                                             state["ema"], {"params": params, "other": other})
-        return new_state, jnp.stack([losses.mean(), accs.mean(), schedule(step)])
+        return new_state, jnp.stack([losses.mean(), metrics.mean(), schedule(step)])
 
-    def train_steps(state, images, labels, order, n):
-        return jax.lax.scan(lambda s, _: one_update(s, images, labels, order), state, None, length=n)
+    def train_steps(state, arrays, order, n):
+        return jax.lax.scan(lambda s, _: one_update(s, arrays, order), state, None, length=n)
 
     def evaluate(params, other, images, labels, mask):
-        """images: (M, B, H, W, C) uint8, labels/mask: (M, B); sums over all M*B examples."""
+        """images: (M, B, ...) uint8, labels: (M, B, ...), mask: (M, B); the task's totals over all."""
         def one_batch(totals, inputs):
             xb, yb, mb = inputs
-            model = nnx.merge(eval_graphdef, *jax.tree.map(lambda v: v, (params, rng_state, other)))
-            logits = model(shard_batch(prepare_batch(xb))).astype(jnp.float32)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-            correct = (logits.argmax(-1) == yb) & mb
-            return (totals[0] + jnp.sum(loss * mb), totals[1] + jnp.sum(correct)), None
+            model = nnx.merge(eval_graphdef, *fresh((params, rng_keys, rng_counts, other)))
+            logits = model(shard_batch(task.inputs(xb))).astype(jnp.float32)
+            return jax.tree.map(jnp.add, totals, task.eval_totals(logits, yb, mb)), None
 
-        (loss_sum, correct), _ = jax.lax.scan(one_batch, (jnp.float32(0), jnp.int32(0)), (images, labels, mask))
-        return loss_sum, correct
-
-    def permutation(epoch):
-        perm = jax.random.permutation(jax.random.fold_in(order_key(), epoch), num_train)
-        return perm[: steps_per_epoch * batch].astype(jnp.int32)
+        totals, _ = jax.lax.scan(one_batch, task.zero_totals(), (images, labels, mask))
+        return totals
 
     options = FAST_COMPILE if config.fast_compile else None
-    return Functions(train_steps=jax.jit(train_steps, static_argnums=4, donate_argnums=0, compiler_options=options),
-                     evaluate=jax.jit(evaluate, compiler_options=options),
-                     permutation=jax.jit(permutation, compiler_options=FAST_COMPILE))
+    return Functions(train_steps=jax.jit(train_steps, static_argnums=3, donate_argnums=0, compiler_options=options),
+                     evaluate=jax.jit(evaluate, compiler_options=options))
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 
 
-def check_setup(config: TrainConfig) -> None:
-    """Every check that needs no data and no compilation: settings, dataset and model names."""
-    from train import data
+def check_setup(config: TrainConfig) -> str:
+    """Every check that needs no data and no compilation: settings, dataset and model names, the
+    options of the data set's task. Returns the task's name."""
     from zoo.registry import get_spec
 
     config.validate()
-    data.get_source(config.dataset)
+    task_name = tasks.check_config(config)
     get_spec(config.model)
     devices = jax.device_count() if config.data_parallel else 1
     if config.micro_batch_size % devices:
         raise ValueError(
             f"data_parallel splits each micro-batch of {config.micro_batch_size} examples over {devices} "
             f"devices; make batch_size / accumulate a multiple of {devices}")
+    return task_name
 
 
 def _host_rank_zero() -> bool:
@@ -339,81 +359,75 @@ def memory_check(model: nnx.Module, input_shape, config: TrainConfig) -> dict[st
     return {"estimate_bytes": estimate, "device_bytes": int(limit), "per_device_batch": per_device}
 
 
-def _eval_arrays(images: np.ndarray, labels: np.ndarray, batch: int):
-    n = len(images)
-    m = max(1, math.ceil(n / batch))
-    pad = m * batch - n
-    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-    mask = np.arange(m * batch) < n
-    return (images.reshape(m, batch, *images.shape[1:]), labels.reshape(m, batch), mask.reshape(m, batch))
-
-
 def _flat(state_tree) -> dict[str, np.ndarray]:
     return {".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path): np.asarray(leaf)
             for path, leaf in jax.tree.leaves_with_path(parallel.to_host(state_tree))}
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train `config.model` on `config.dataset`; see the module docstring. Resumable, deterministic."""
-    from train import data
-
+    """Train `config.model` (or a segmentation net on it) on `config.dataset`; see the module
+    docstring. Resumable, deterministic."""
     started = time.perf_counter()
     check_setup(config)
-    source = data.get_source(config.dataset)
-    preprocessing = data.preprocessing_record(config.dataset)
+    task = tasks.make_task(config)
 
     # --- data: all of it on the device, uint8
-    # TFDS slices ("train[:640]") read only what is needed: quick small runs and tests.
-    train_x, train_y = data.load_arrays(
-        config.dataset, f"train[:{config.train_examples}]" if config.train_examples else "train", config.data_dir)
-    test_x, test_y = data.load_arrays(
-        config.dataset, f"test[:{config.test_examples}]" if config.test_examples else "test", config.data_dir)
-    val_x = val_y = None
+    train_arrays = task.load("train", config.train_examples)
+    test_arrays = task.load("test", config.test_examples)
+    val_arrays = None
     if config.validation_examples:
-        if config.validation_examples >= len(train_x):
+        if config.validation_examples >= len(train_arrays[0]):
             raise ValueError(f"validation_examples={config.validation_examples} leaves no training data "
-                             f"({len(train_x)} examples)")
-        val_x, val_y = train_x[-config.validation_examples:], train_y[-config.validation_examples:]
-        train_x, train_y = train_x[: -config.validation_examples], train_y[: -config.validation_examples]
-    if config.batch_size > len(train_x):
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(train_x)} training examples")
-    steps_per_epoch = len(train_x) // config.batch_size  # the incomplete last batch is dropped
-    total_steps = config.epochs * steps_per_epoch
+                             f"({len(train_arrays[0])} examples)")
+        val_arrays = tuple(a[-config.validation_examples:] for a in train_arrays)
+        train_arrays = tuple(a[: -config.validation_examples] for a in train_arrays)
+    num_train = len(train_arrays[0])
+    if config.batch_size > num_train:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {num_train} training examples")
+    steps_per_epoch = num_train // config.batch_size  # the incomplete last batch is dropped
+    total_steps = config.epochs * steps_per_epoch  # the schedule's length, with or without max_steps
     stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
 
     # --- model, optimizer, state
-    # One compiled initializer instead of one eager compilation per weight initializer.
-    model = init_model(config, source.image_shape, source.num_classes)
-    memory_check(model, source.image_shape, config)
+    model = init_model(config, task)
+    memory_check(model, task.image_shape, config)
     model.eval()
-    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]  # no remat: no backward pass
+    eval_graphdef = split_model(model)[0]  # no remat: no backward pass
     if config.remat:
         remat_blocks(model)
     model.train()
-    train_graphdef, params, rng_state, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    if tasks.freezes_batchnorm(config):
+        freeze_batchnorm(model)
+    train_graphdef, params, rng_keys, rng_counts, other = split_model(model)
     schedule = make_schedule(config, total_steps, steps_per_epoch)
     tx = make_optimizer(config, schedule)
+
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def initial_state(params, other):
-        return {"step": jnp.int32(0), "params": params, "other": other, "opt_state": tx.init(params),
+    def initial_state(params, rng_counts, other):
+        return {"step": jnp.int32(0), "params": params, "rng_counts": rng_counts, "other": other,
+                "opt_state": tx.init(params),
                 # a copy: donating the state must not hand XLA the same buffer twice
                 "ema": jax.tree.map(jnp.copy, {"params": params, "other": other})
                 if config.ema_decay is not None else None}
 
-    state = initial_state(params, other)
+    state = initial_state(params, rng_counts, other)
     mesh = parallel.make_mesh() if config.data_parallel else None
     state = parallel.put_replicated(state, mesh)
-    local_rng_state, rng_state = rng_state, parallel.put_replicated(rng_state, mesh)
-    fns = make_functions(config, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, rng_state=rng_state,
-                         tx=tx, schedule=schedule, num_classes=source.num_classes, num_train=len(train_x),
-                         steps_per_epoch=steps_per_epoch, preprocessing=preprocessing, mesh=mesh)
-    images_dev, labels_dev = parallel.put_replicated((np.asarray(train_x), np.asarray(train_y)), mesh)
-    eval_batch = min(config.eval_batch_size, max(len(test_x), 1))
-    if mesh is not None:
-        eval_batch = math.ceil(eval_batch / jax.device_count()) * jax.device_count()
-    test_dev = parallel.put_replicated(_eval_arrays(test_x, test_y, eval_batch), mesh)
-    val_dev = parallel.put_replicated(_eval_arrays(val_x, val_y, eval_batch), mesh) if val_x is not None else None
+    local_rng = (rng_keys, rng_counts)
+    fns = make_functions(config, task, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef,
+                         rng_keys=parallel.put_replicated(rng_keys, mesh),
+                         rng_counts=parallel.put_replicated(rng_counts, mesh), tx=tx, schedule=schedule,
+                         steps_per_epoch=steps_per_epoch, mesh=mesh)
+    arrays_dev = parallel.put_replicated(tuple(np.asarray(a) for a in train_arrays), mesh)
+
+    def eval_split(arrays):
+        batch = task.eval_batch_size(arrays)
+        if mesh is not None:
+            batch = -(-batch // jax.device_count()) * jax.device_count()
+        return parallel.put_replicated(tasks.eval_arrays(arrays, batch), mesh)
+
+    test_dev = eval_split(test_arrays)
+    val_dev = eval_split(val_arrays) if val_arrays is not None else None
 
     # --- output directory, checkpoints, resume
     out_dir = Path(config.out_dir) if config.out_dir else None
@@ -432,26 +446,26 @@ def train(config: TrainConfig) -> TrainResult:
             _say(f"resuming from step {step} (epoch {step / steps_per_epoch:.2f}) in {out_dir}")
         history = _read_history(out_dir, before_step=int(parallel.to_host(state["step"])))
 
-    def evaluate(split_arrays, weights):
-        loss_sum, correct = fns.evaluate(weights["params"], weights["other"], *split_arrays)
-        n = int(np.asarray(parallel.to_host(split_arrays[2])).sum())
-        return float(parallel.to_host(loss_sum)) / n, int(parallel.to_host(correct)) / n
+    def evaluate(split_arrays, weights) -> dict[str, Any]:
+        return task.scores(parallel.to_host(fns.evaluate(weights["params"], weights["other"], *split_arrays)))
 
     # --- the loop
     step = int(parallel.to_host(state["step"]))
-    progress = _progress_bar(config, total=stop_step, initial=step)
-    epoch_losses, epoch_accs = [], []
+    progress = _progress_bar(config, task, total=stop_step, initial=step)
+    epoch_losses, epoch_metrics = [], []
     epoch_started = time.perf_counter()
     order, order_epoch = None, -1
     try:
         while step < stop_step:
             epoch = step // steps_per_epoch
             if order_epoch != epoch:
-                order, order_epoch = fns.permutation(epoch), epoch
+                order = parallel.put_replicated(
+                    epoch_order(config.seed, epoch, num_train, steps_per_epoch * config.batch_size), mesh)
+                order_epoch = epoch
             n = min(config.steps_per_call, (epoch + 1) * steps_per_epoch - step, stop_step - step)
             if config.checkpoint_every:
                 n = min(n, config.checkpoint_every - step % config.checkpoint_every)
-            new_state, metrics = fns.train_steps(state, images_dev, labels_dev, order, n)
+            new_state, metrics = fns.train_steps(state, arrays_dev, order, n)
             metrics = np.asarray(parallel.to_host(metrics))
             if not np.isfinite(metrics[:, 0]).all():
                 bad = step + int(np.argmin(np.isfinite(metrics[:, 0])))
@@ -464,33 +478,35 @@ def train(config: TrainConfig) -> TrainResult:
                     + f"Lower the learning rate (now {config.learning_rate}), add grad_clip_norm, or check the data.")
             state, step = new_state, step + n
             epoch_losses += list(metrics[:, 0])
-            epoch_accs += list(metrics[:, 1])
+            epoch_metrics += list(metrics[:, 1])
             learning_rate = float(metrics[-1, 2])
             if progress is not None:
                 progress.update(n)
-                progress.set_postfix(epoch=epoch + 1, loss=f"{np.mean(epoch_losses[-50:]):.4f}",
-                                     acc=f"{np.mean(epoch_accs[-50:]):.4f}", refresh=False)
+                progress.set_postfix({"epoch": epoch + 1, "loss": f"{np.mean(epoch_losses[-50:]):.4f}",
+                                      _SHORT[task.train_metric]: f"{np.mean(epoch_metrics[-50:]):.4f}"},
+                                     refresh=False)
             epoch_done = step % steps_per_epoch == 0 or step == stop_step
             if checkpoints and config.checkpoint_every and step % config.checkpoint_every == 0 and not epoch_done:
                 checkpoints.save_latest(step, state)
             if epoch_done:
-                record = _end_of_epoch(config, step, steps_per_epoch, state, evaluate, test_dev, val_dev,
-                                       epoch_losses, epoch_accs, learning_rate, time.perf_counter() - epoch_started,
-                                       time.perf_counter() - started)
+                record = _end_of_epoch(config, task, step, steps_per_epoch, state, evaluate, test_dev, val_dev,
+                                       epoch_losses, epoch_metrics, learning_rate,
+                                       time.perf_counter() - epoch_started, time.perf_counter() - started)
                 history.append(record)
                 if checkpoints:
                     checkpoints.save_latest(step, state)
                     best_weights = state["ema"] if config.ema_decay is not None else state
                     checkpoints.save_best(step, {"params": best_weights["params"], "other": best_weights["other"]},
-                                          record["selection_accuracy"])
+                                          record[f"selection_{task.metric}"])
                 if out_dir is not None and _host_rank_zero():
                     _write_history(out_dir, history)
-                    plot_curves(history, out_dir / "curves.png", title=f"{config.model} on {config.dataset}")
+                    plot_curves(history, out_dir / "curves.png", title=f"{task.describe()} on {config.dataset}",
+                                metric=task.metric, metric_label=task.metric_label)
                 if progress is not None:
-                    progress.write(_format_record(record))
+                    progress.write(_format_record(record, task))
                 else:
-                    _say(_format_record(record))
-                epoch_losses, epoch_accs = [], []
+                    _say(_format_record(record, task))
+                epoch_losses, epoch_metrics = [], []
                 epoch_started = time.perf_counter()
     finally:
         if progress is not None:
@@ -505,82 +521,66 @@ def train(config: TrainConfig) -> TrainResult:
         restored = checkpoints.restore_best(best)
         if restored is not None:
             best_step, best = restored
-    test_loss, test_acc = evaluate(test_dev, best)
+    test_metrics = evaluate(test_dev, best)
     best_record = next((r for r in history if r["step"] == best_step), None)
-    best_accuracy = best_record["selection_accuracy"] if best_record else test_acc
+    best_score = best_record[f"selection_{task.metric}"] if best_record else test_metrics[task.metric]
     best_params, best_other = jax.tree.map(jnp.asarray, parallel.to_host((best["params"], best["other"])))
-    model = nnx.merge(eval_graphdef, best_params, local_rng_state, best_other)
+    model = nnx.merge(eval_graphdef, best_params, *local_rng, best_other)
     model.eval()
     model_dir = None
     if out_dir is not None:
         if _host_rank_zero():
-            model_dir = save_trained_model(model, out_dir / "model", config, source, test_acc, best_step,
-                                           steps_per_epoch)
+            model_dir = task.save(model, out_dir / "model", test_metrics, best_step, steps_per_epoch)
         checkpoints.close()
-    return TrainResult(model=model, best_accuracy=best_accuracy, best_step=best_step,
-                       best_epoch=best_step / steps_per_epoch, test_accuracy=test_acc,
+    return TrainResult(model=model, metric=task.metric, best_score=best_score, best_step=best_step,
+                       best_epoch=best_step / steps_per_epoch, test_metrics=test_metrics,
                        final_weights=final_weights, history=history, steps=step,
                        seconds=time.perf_counter() - started, out_dir=out_dir, model_dir=model_dir)
 
 
-def save_trained_model(model, directory: Path, config: TrainConfig, source, test_accuracy: float, step: int,
-                       steps_per_epoch: int) -> Path:
-    from train import data
-    from zoo.saving import save_model
-
-    metadata = {
-        "dataset": config.dataset,
-        "test_accuracy": test_accuracy,
-        "preprocessing": data.preprocessing_record(config.dataset),
-        "input_shape": list(source.image_shape),
-        "step": step,
-        "epoch": step / steps_per_epoch,
-        "ema": config.ema_decay is not None,
-        "train_config": config.to_dict(),
-    }
-    return save_model(model, directory, model_name=config.model,
-                      kwargs=model_kwargs_for_saving(config, source.image_shape, source.num_classes),
-                      metadata=metadata)
-
-
-def _end_of_epoch(config, step, steps_per_epoch, state, evaluate, test_dev, val_dev, losses, accs, learning_rate,
-                  epoch_seconds, wall_seconds) -> dict[str, Any]:
+def _end_of_epoch(config, task, step, steps_per_epoch, state, evaluate, test_dev, val_dev, losses, metrics,
+                  learning_rate, epoch_seconds, wall_seconds) -> dict[str, Any]:
     record: dict[str, Any] = {
         "epoch": round(step / steps_per_epoch, 4), "step": step,
         "train_loss": float(np.mean(losses)) if losses else None,
-        "train_accuracy": float(np.mean(accs)) if accs else None,
+        f"train_{task.train_metric}": float(np.mean(metrics)) if metrics else None,
         "learning_rate": learning_rate,
     }
-    record["test_loss"], record["test_accuracy"] = evaluate(test_dev, state)
-    if val_dev is not None:
-        record["val_loss"], record["val_accuracy"] = evaluate(val_dev, state)
-    if config.ema_decay is not None:
-        record["ema_test_loss"], record["ema_test_accuracy"] = evaluate(test_dev, state["ema"])
-        if val_dev is not None:
-            record["ema_val_loss"], record["ema_val_accuracy"] = evaluate(val_dev, state["ema"])
+    weights = [("", state)] + ([("ema_", state["ema"])] if config.ema_decay is not None else [])
+    splits = [("test", test_dev)] + ([("val", val_dev)] if val_dev is not None else [])
+    for prefix, w in weights:
+        for split, arrays in splits:
+            record.update({f"{prefix}{split}_{key}": value for key, value in evaluate(arrays, w).items()})
     prefix = "ema_" if config.ema_decay is not None else ""
-    record["selection_accuracy"] = record[f"{prefix}val_accuracy" if val_dev is not None else f"{prefix}test_accuracy"]
+    record[f"selection_{task.metric}"] = record[f"{prefix}{'val' if val_dev is not None else 'test'}_{task.metric}"]
     record["epoch_seconds"] = round(epoch_seconds, 3)
     record["wall_seconds"] = round(wall_seconds, 3)
     record["examples_per_second"] = round(len(losses) * config.batch_size / max(epoch_seconds, 1e-9), 1)
     return record
 
 
-def _format_record(r: dict[str, Any]) -> str:
+_SHORT = {"accuracy": "acc", "pixel_accuracy": "pixel_acc", "mean_iou": "mIU"}
+
+
+def _format_record(r: dict[str, Any], task) -> str:
     parts = [f"epoch {r['epoch']:g}", f"step {r['step']}"]
-    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_accuracy", "ema_test_accuracy"):
+    keys = ["train_loss", f"train_{task.train_metric}", "test_loss", f"test_{task.metric}", f"val_{task.metric}",
+            f"ema_test_{task.metric}"]
+    if task.metric != "accuracy":
+        keys.insert(4, "test_pixel_accuracy")
+    for key in keys:
         if r.get(key) is not None:
             parts.append(f"{key} {r[key]:.4f}")
     parts.append(f"{r['epoch_seconds']:.1f}s")
     return "  ".join(parts)
 
 
-def _progress_bar(config: TrainConfig, total: int, initial: int):
+def _progress_bar(config: TrainConfig, task, total: int, initial: int):
     if not config.progress or not _host_rank_zero():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=f"{config.model}")
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=task.describe())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,32 +616,32 @@ def _write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
     os.replace(tmp, out_dir / "metrics.jsonl")
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Loss and accuracy per epoch (train, test, validation, EMA), as a PNG."""
+def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str = "", metric: str = "accuracy",
+                metric_label: str = "accuracy") -> Path:
+    """Loss and the task's metric (accuracy, mean IU) per epoch (train, test, validation, EMA), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("train_loss", "train"), ("test_loss", "test"), ("val_loss", "validation"),
-                       ("ema_test_loss", "EMA test")):
-        values = [r.get(key) for r in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    splits = (("train", "train"), ("test", "test"), ("val", "validation"), ("ema_test", "EMA test"))
+    for split, label in splits:
+        values = [r.get(f"{split}_loss") for r in history]
         if any(v is not None for v in values):
             ax_loss.plot(epochs, values, marker="o", label=label)
-    for key, label in (("train_accuracy", "train"), ("test_accuracy", "test"), ("val_accuracy", "validation"),
-                       ("ema_test_accuracy", "EMA test")):
-        values = [None if r.get(key) is None else 100 * r[key] for r in history]
+    for split, label in splits:
+        values = [None if r.get(f"{split}_{metric}") is None else 100 * r[f"{split}_{metric}"] for r in history]
         if any(v is not None for v in values):
-            ax_acc.plot(epochs, values, marker="o", label=label)
+            ax_metric.plot(epochs, values, marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    shown = [100 * r[k] for r in history for k in ("test_accuracy", "val_accuracy", "ema_test_accuracy")
-             if r.get(k) is not None]
+    ax_metric.set(xlabel="epoch", ylabel=f"{metric_label} (%)", title=metric_label)
+    shown = [100 * r[f"{split}_{metric}"] for r in history for split in ("test", "val", "ema_test")
+             if r.get(f"{split}_{metric}") is not None]
     if shown and min(shown) > 90:  # zoom on the part that matters once the model is good
-        ax_acc.set_ylim(min(shown) - 0.5, 100.0)
-    for ax in (ax_loss, ax_acc):
+        ax_metric.set_ylim(min(shown) - 0.5, 100.0)
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

@@ -11,12 +11,16 @@ result it gave and how long it took on the machine named in docs/BENCHMARKS.md (
 Shipped weights are the *final* weights of a run (EMA weights where the recipe uses EMA),
 never a checkpoint picked by its test accuracy: the recipes hold out no validation data, so
 picking the best epoch on the test split would flatter the number.
+
+The shipped classifiers were trained by `train_minimal`, a small loop of its own that
+`train.loop.train` replaced: for these configs (float32, one device, no accumulation) the loop
+gives the same weights step for step (tests/test_train_equivalence.py keeps train_minimal's
+update as the reference), so every recipe reproduces through `train.loop.train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 
 from train.config import TrainConfig
@@ -180,136 +184,9 @@ SHIPPED_AS = {
     "mnistnet_large_fashion_mnist_fourth": ("mnistnet_large", "fashion_mnist"),
 }
 
-# Recipes trained with `train_minimal` rather than `train.loop.train` (BatchNorm models: see there).
-MINIMAL_LOOP = {"mnistnet_mnist", "mnistnet_wide_mnist", "lenet5_mnist", "mnistnet_fashion_mnist",
-                "mnistnet_large_fashion_mnist", "mnistnet_large_fashion_mnist_erase",
-                "mnistnet_large_fashion_mnist_more", "mnistnet_large_fashion_mnist_third",
-                "mnistnet_large_fashion_mnist_fourth", "fast_mnist"}
-
 
 def get_recipe(name: str, seed: int = 0) -> TrainConfig:
     """The config of recipe `name`; an unknown name raises a ValueError listing the recipes."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     return RECIPES[name](seed=seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# A minimal jitted loop, a stopgap for models with BatchNorm or Dropout (see the report in
-# docs/BENCHMARKS.md (training results)): the same data, schedule, optimizer, augmentation,
-# preprocessing and EMA as train.loop, without checkpoints or the out-of-memory switches.
-
-
-def train_minimal(config: TrainConfig):
-    """Train `config` and return (model in eval mode with the final EMA or raw weights, history, test_accuracy).
-
-    The whole data set sits on the device as uint8; one jitted update per call, pure over
-    `nnx.split` state (NNX's graph handling happens once, at trace time).
-    Data order is a numpy permutation per epoch from the seed; augmentation keys fold in the step.
-    """
-    import time
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from flax import nnx
-
-    from train import augment, data
-    from train.loop import build_model, make_optimizer, make_schedule
-    from zoo.pretrained import preprocess
-
-    config.validate()
-    if config.accumulate != 1 or config.data_parallel or config.remat or config.dtype != "float32":
-        raise ValueError("train_minimal runs plain float32 single-device training; use train.loop.train "
-                         "for accumulate, data_parallel, remat or bfloat16")
-    started = time.perf_counter()
-    source = data.get_source(config.dataset)
-    preprocessing = data.preprocessing_record(config.dataset)
-    train_x, train_y = data.load_arrays(config.dataset, "train", config.data_dir)
-    test_x, test_y = data.load_arrays(config.dataset, "test", config.data_dir)
-    batch = config.batch_size
-    steps_per_epoch = len(train_x) // batch
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-
-    model = build_model(config, source.image_shape, source.num_classes)
-    schedule = make_schedule(config, config.epochs * steps_per_epoch, steps_per_epoch)
-    optimizer = nnx.Optimizer(model, make_optimizer(config, schedule), wrt=nnx.Param)
-    model.train()
-    graphdef, state = nnx.split((model, optimizer))
-    weights_filter = (nnx.Param, nnx.BatchStat)
-    ema = jax.tree.map(jnp.copy, nnx.state(model, weights_filter))
-    use_ema = config.ema_decay is not None
-    augments = augment.requested(config)
-    images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
-    base_key = jax.random.key(config.seed)
-
-    def one_step(state, ema, images, labels, idx, step):
-        model, optimizer = nnx.merge(graphdef, state)
-        x = images[idx]
-        if augments:
-            keys = jax.random.split(jax.random.fold_in(base_key, step), batch)
-            x = augment.from_config(keys, x.astype(jnp.float32), config)
-        x, y = preprocess(x, preprocessing), labels[idx]
-        targets = optax.smooth_labels(jax.nn.one_hot(y, source.num_classes), config.label_smoothing)
-
-        def loss_fn(model):
-            logits = model(x)
-            return optax.softmax_cross_entropy(logits, targets).mean(), logits
-
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        optimizer.update(model, grads)
-        if use_ema:  # the usual warmup of the decay, so the average forgets the random init
-            decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
-            ema = jax.tree.map(lambda e, w: decay * e + (1 - decay) * w, ema, nnx.state(model, weights_filter))
-        return nnx.state((model, optimizer)), ema, jnp.stack([loss, (logits.argmax(-1) == y).mean()])
-
-    # The data are arguments, not closed-over constants that XLA would embed in the program.
-    run_step = jax.jit(one_step, donate_argnums=(0, 1))
-
-    eval_x = jnp.asarray(test_x).reshape(-1, config.eval_batch_size, *test_x.shape[1:])
-    eval_y = jnp.asarray(test_y).reshape(-1, config.eval_batch_size)
-
-    @jax.jit
-    def accuracy(state, weights, eval_x, eval_y):
-        model = nnx.merge(graphdef, state)[0]
-        nnx.update(model, weights)
-        model.eval()
-        correct = jax.lax.map(lambda xy: (model(preprocess(xy[0], preprocessing)).argmax(-1) == xy[1]).sum(),
-                              (eval_x, eval_y))
-        return correct.sum() / test_y.shape[0]
-
-    rng = np.random.default_rng(config.seed)
-    history, step = [], 0
-    while step < total_steps:
-        epoch_started = time.perf_counter()
-        order = rng.permutation(len(train_x))[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
-        metrics = []
-        for i in range(min(steps_per_epoch, total_steps - step)):
-            state, ema, m = run_step(state, ema, images, labels, jnp.asarray(order[i]), jnp.int32(step))
-            metrics.append(m)
-            step += 1
-            if config.progress and step % 50 == 0:
-                print(f"step {step}/{total_steps} loss {float(m[0]):.4f} {time.perf_counter() - started:.0f}s", flush=True)
-        metrics = np.stack([np.asarray(m) for m in metrics])
-        if not np.isfinite(metrics[:, 0]).all():
-            raise RuntimeError(f"the loss became NaN/inf in epoch {len(history) + 1}; lower the learning rate")
-        raw = nnx.state(nnx.merge(graphdef, state)[0], weights_filter)
-        record = {"epoch": round(step / steps_per_epoch, 4), "step": step,
-                  "train_loss": float(metrics[:, 0].mean()), "train_accuracy": float(metrics[:, 1].mean()),
-                  "test_accuracy": float(accuracy(state, raw, eval_x, eval_y)),
-                  "learning_rate": float(schedule(step - 1))}
-        if use_ema:
-            record["ema_test_accuracy"] = float(accuracy(state, ema, eval_x, eval_y))
-        record["epoch_seconds"] = round(time.perf_counter() - epoch_started, 1)
-        record["wall_seconds"] = round(time.perf_counter() - started, 1)
-        history.append(record)
-        print(json.dumps(record), flush=True)
-    model = nnx.merge(graphdef, state)[0]
-    if use_ema:
-        nnx.update(model, ema)
-    model.eval()
-    final = history[-1]["ema_test_accuracy" if use_ema else "test_accuracy"]
-    return model, history, final

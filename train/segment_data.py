@@ -1,3 +1,3 @@
 """Kept until train/segment.py is rewritten: the digit_scenes data set now lives in train.digit_scenes."""
 
-from train.digit_scenes import *  # noqa: F401,F403  (kept until train/segment.py is rewritten)
+from train.digit_scenes import *

@@ -63,6 +63,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -269,7 +270,7 @@ def _open_image(path: Path):
 
     try:
         return Image.open(path)
-    except Exception as e:  # Pillow raises several kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
+    except Exception as e:  # noqa: BLE001  (Pillow raises many kinds: UnidentifiedImageError, SyntaxError, ...)
         raise ValueError(f"{path} is not a readable image ({e}); replace or remove it") from None
 
 
@@ -297,7 +298,7 @@ def read_image(path, channels: int | None = None) -> np.ndarray:
                 array = ((wide * 255 + 32767) // 65535).astype(np.uint8)
             else:
                 array = np.asarray(image.convert("L" if own == 1 else "RGB"), dtype=np.uint8)
-        except Exception as e:  # a truncated or damaged file fails only when decoded
+        except Exception as e:  # noqa: BLE001  (a truncated or damaged file fails only when decoded)
             raise ValueError(f"{path} cannot be decoded ({e}); replace or remove it") from None
     if array.ndim == 2:
         array = array[:, :, None]
@@ -319,7 +320,7 @@ def read_mask(path, num_classes: int, classes_from: str = "classes.txt") -> np.n
                              f"pixel values are class ids, so save it as 8-bit grayscale or palette")
         try:
             label = np.array(mask, dtype=np.uint8)  # a palette image gives its indices
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (as in read_image)
             raise ValueError(f"{path} cannot be decoded ({e}); replace or remove it") from None
     values = np.unique(label)
     bad = values[(values >= num_classes) & (values != VOID)]
@@ -360,8 +361,8 @@ def _builder_class(plan: FolderPlan, name: str, channels: int):
         """A segmentation data set prepared from a folder of images and masks."""
 
         VERSION = tfds.core.Version(DATASET_VERSION)
-        RELEASE_NOTES = {DATASET_VERSION: "Prepared by `zoo data prepare-segmentation`."}
-        url_infos = {}  # nothing is downloaded: no checksums file to look up (see train.digit_scenes)
+        RELEASE_NOTES: ClassVar[dict] = {DATASET_VERSION: "Prepared by `zoo data prepare-segmentation`."}
+        url_infos: ClassVar[dict] = {}  # nothing is downloaded: no checksums file to look up (see train.digit_scenes)
 
         def _info(self):
             return tfds.core.DatasetInfo(
@@ -387,15 +388,17 @@ def _builder_class(plan: FolderPlan, name: str, channels: int):
             for index, pair in enumerate(pairs):
                 image = read_image(pair.image, channels)
                 label = read_mask(pair.mask, len(plan.class_names), plan.classes_from)
-                yield index, {"image": data.encode_png(image, filter_up=True),
-                              "label": data.encode_png(label, filter_up=True), "id": pair.id}
+                yield index, {"image": data.encode_png(image, filter_up=True, level=3),
+                              "label": data.encode_png(label, filter_up=True, level=3), "id": pair.id}
 
     FolderSegmentation.name = name
     return FolderSegmentation
 
 
 def _check_name(name: str, root: Path, force: bool) -> None:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name == "downloads":
+    if name == "downloads":
+        raise ValueError("downloads is the folder TFDS keeps its downloads in; choose another --name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"--name {name!r}: use lower-case letters, digits and underscores, starting with a letter "
                          f"(a TFDS name), e.g. my_voc")
     if name in data.builtin_datasets():

@@ -365,6 +365,17 @@ def confusion_matrix(labels, predictions, valid, num_classes: int):
                         length=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int, void: int = VOID) -> np.ndarray:
+    """`confusion_matrix` on the host, for one image of any size: numpy, nothing compiled per shape.
+
+    labels, predictions: (H, W) ints -> (K, K) int64 counts, rows = true class; void pixels left out.
+    """
+    labels, predictions = np.asarray(labels).ravel(), np.asarray(predictions).ravel()
+    keep = labels != void
+    return np.bincount(labels[keep].astype(np.int64) * num_classes + predictions[keep].astype(np.int64),
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def scores_from_confusion(matrix) -> dict[str, Any]:
     """Pixel accuracy, mean IU over the classes present in labels or predictions, per-class IU (None: absent)."""
     matrix = np.asarray(matrix, np.float64)

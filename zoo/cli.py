@@ -15,9 +15,9 @@ import sys
 COMMAND_MODULES = (
     "zoo.summary",        # zoo summary
     "zoo.importers.cli",  # zoo import keras|torch
-    "convert.cli",        # zoo convert, zoo predict-dense
+    "convert.cli",        # zoo convert, zoo predict-dense, zoo segment
     "train.cli",          # zoo data prepare, zoo train
-    "train.segment_cli",  # zoo segment
+    "train.segment_train",  # zoo segment-train
 )
 
 

@@ -77,8 +77,10 @@ def build_lenet(
             (f"act{stage}", Activation(activation)),
             (f"pool{stage}", POOLINGS[pooling](2)),
         ]
+        # A stage ends before a subsampling (C1 at stride 1, C3 at 2), the last one after S4 (stride 4).
+        stages.append(Stage(f"act{stage}", stride, out_maps))
         maps, stride = out_maps, stride * 2
-        stages.append(Stage(f"pool{stage}", stride, maps))  # after each subsampling: strides 2, 4
+    stages.append(Stage(f"pool{len(LENET5_STAGES)}", stride, maps))
     features = NamedSequential(steps)
     # Each 5x5 valid conv removes 4 pixels and each pool halves: 16 -> 12 -> 6 -> 2 -> 1.
     min_side = max(16 - 2 * input_padding, 1)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.classifier import check_images, cheap_tracer_error_messages
+from zoo.classifier import cheap_tracer_error_messages, check_images
 from zoo.layers import NamedSequential
 
 # Extra pixels of the second shape probe of `find_stages`: a multiple of every stride
