@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_segment.py                 # CPU defaults, about 2-4 minutes
     .venv/bin/python scripts/bench_segment.py --images 50 --max-side 1024 --dtype bfloat16   # on a GPU
 
-Both streams run through `train.segment.SegmentPredictor` (shape buckets from convert's ladder,
+Both streams run through `convert.DensePredictor` (shape buckets from convert's ladder,
 one ahead-of-time compilation per bucket). Reported: megapixels per second with and without the
 compilations, the number of compilations and buckets, and how many pixels the buckets padded on.
 The mixed stream draws each side uniformly from [--min-side, --max-side]; the fixed stream repeats
@@ -22,31 +22,21 @@ import numpy as np
 
 
 def stream(predictor, images) -> dict:
-    import jax
-
     compile_before, count_before = predictor.compile_seconds, predictor.compilations
     start = time.perf_counter()
     padded = 0
     for image in images:
-        scores = predictor.predict(image)
-        padded += int(np.prod([predictor_bucket(predictor, n) for n in image.shape]))
-        jax.block_until_ready(scores)
+        result = predictor.predict(image)  # numpy scores: the run has finished
+        padded += int(np.prod(result.bucket))
     seconds = time.perf_counter() - start
     compile_seconds = predictor.compile_seconds - compile_before
-    pixels = sum(image.size for image in images)
+    pixels = sum(image.shape[0] * image.shape[1] for image in images)
     return {"images": len(images), "megapixels": round(pixels / 1e6, 3),
             "seconds": round(seconds, 2), "compile_seconds": round(compile_seconds, 2),
             "compilations": predictor.compilations - count_before,
             "mpix_per_s": round(pixels / 1e6 / seconds, 3),
             "mpix_per_s_without_compiling": round(pixels / 1e6 / max(seconds - compile_seconds, 1e-9), 3),
             "padded_pixel_ratio": round(padded / pixels, 3)}
-
-
-def predictor_bucket(predictor, n: int) -> int:
-    from train import segment as seg
-
-    minimum, step, ratio = predictor.ladder
-    return seg.bucket_size(n, minimum=minimum, step=step, ratio=ratio)
 
 
 def main(argv=None) -> int:
@@ -56,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-side", type=int, default=768)
     parser.add_argument("--fixed", type=int, default=0, help="side of the fixed-size stream (default: the "
                         "side giving the mixed stream's mean image area)")
-    parser.add_argument("--variant", default="fcn8s")
+    parser.add_argument("--model", default="mnistnet_fcn8s-digit_scenes", help="a shipped net or a saved net's directory")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
@@ -65,27 +55,29 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from train import segment as seg
-    from train import segment_data as sd
+    import convert
+    from convert.segment import load_any_segmentation
+    from train import digit_scenes as sd
 
     rng = np.random.default_rng(args.seed)
     sizes = [tuple(int(v) for v in rng.integers(args.min_side, args.max_side + 1, size=2)) for _ in range(args.images)]
-    mixed = [sd.generate_scene("test", i, size=s).image / np.float32(255) for i, s in enumerate(sizes)]
+    mixed = [sd.generate_scene("test", i, size=s).image[..., None] / np.float32(255) for i, s in enumerate(sizes)]
     side = args.fixed or int(round(np.sqrt(np.mean([h * w for h, w in sizes]))))
     side -= side % 4
-    fixed = [sd.generate_scene("test", 1000 + i, size=(side, side)).image / np.float32(255)
+    fixed = [sd.generate_scene("test", 1000 + i, size=(side, side)).image[..., None] / np.float32(255)
              for i in range(args.images)]
-    model = seg.load_shipped(args.variant)
+    model, _ = load_any_segmentation(args.model)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
 
     results = {"command": "python scripts/bench_segment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": seg.machine_description(), "cpu": platform.processor() or platform.machine(),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "variant": args.variant,
-               "dtype": args.dtype, "ladder": list(seg.SegmentPredictor(model).ladder)}
-    predictor = seg.SegmentPredictor(model, dtype=dtype)
+               "machine": f"{jax.devices()[0].device_kind}, jax {jax.__version__}",
+               "cpu": platform.processor() or platform.machine(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "dtype": args.dtype}
+    predictor = convert.DensePredictor(model, dtype=dtype)
+    results["ladder"] = [predictor.bucket_minimum, predictor.bucket_step, predictor.ratio]
     results["fixed"] = {"size": [side, side], **stream(predictor, fixed)}
     results["fixed_again"] = stream(predictor, fixed)   # compiled: the steady state
-    predictor = seg.SegmentPredictor(model, dtype=dtype)
+    predictor = convert.DensePredictor(model, dtype=dtype)
     results["mixed"] = {"sides": [args.min_side, args.max_side], **stream(predictor, mixed)}
     results["mixed_again"] = stream(predictor, mixed)
     buckets = {tuple(b[1:]) for b in predictor.buckets}
@@ -96,7 +88,6 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    del jax
     return 0
 
 

@@ -23,10 +23,11 @@ from train import augment, data, loop, recipes
 from train.config import TrainConfig
 from zoo.pretrained import preprocess
 
-pytestmark = pytest.mark.skipif(not data.is_prepared("mnist"), reason="mnist is not prepared (`zoo data prepare mnist`)")
+pytestmark = pytest.mark.skipif(not data.is_prepared("mnist"),
+                                reason="mnist is not prepared (`zoo data prepare mnist`)")
 
-# 128 examples in batches of 32: 4 steps per epoch, so 6 steps use two permutations.
-SMALL = dict(train_examples=128, test_examples=64, batch_size=32, epochs=3, max_steps=6, eval_batch_size=64,
+# 64 examples in batches of 16: 4 steps per epoch, so 6 steps use two permutations.
+SMALL = dict(train_examples=64, test_examples=32, batch_size=16, epochs=3, max_steps=6, eval_batch_size=32,
              progress=False, fast_compile=True)
 
 
@@ -113,7 +114,8 @@ def raw_weights(model) -> dict:
     return loop._flat({"params": nnx.state(model, nnx.Param), "other": nnx.state(model, nnx.BatchStat)})
 
 
-def compare(config: TrainConfig) -> None:
+def compare(config: TrainConfig) -> dict:
+    """Train with the loop and with the reference; returns the reference's raw weights."""
     from zoo.saving import flat_state
 
     train_x, train_y = data.load_arrays(config.dataset, f"train[:{config.train_examples}]")
@@ -122,15 +124,23 @@ def compare(config: TrainConfig) -> None:
     assert result.steps == config.max_steps
     assert_same(result.final_weights, raw_weights(raw))
     assert_same(flat_state(result.model), flat_state(ema if config.ema_decay is not None else raw))
+    return raw_weights(raw)
 
 
-@pytest.mark.parametrize("recipe", ["mnistnet_dropout", "lenet5_mnist"])
-def test_loop_reproduces_the_loop_that_trained_the_shipped_weights(recipe):
-    if recipe == "mnistnet_dropout":
-        # mnistnet_mnist's settings (BatchNorm, augmentation, label smoothing, EMA) with dropout 0.25.
-        config = dataclasses.replace(recipes.mnistnet_mnist(seed=3), model_kwargs={"dropout": 0.25}, **SMALL)
-        assert config.label_smoothing and config.ema_decay and augment.requested(config)
-    else:
-        config = dataclasses.replace(recipes.lenet5_mnist(seed=1), **SMALL)
-    compare(config)
+def test_mnistnet_with_dropout_batchnorm_augmentation_and_ema_and_its_resumed_run(tmp_path):
+    # mnistnet_mnist's settings (BatchNorm, augmentation, label smoothing, EMA) with dropout 0.25.
+    config = dataclasses.replace(recipes.mnistnet_mnist(seed=3), model_kwargs={"dropout": 0.25}, **SMALL)
+    assert config.label_smoothing and config.ema_decay and augment.requested(config)
+    reference = compare(config)
+    # Interrupted after step 3 (mid-epoch) and resumed from its checkpoint: the dropout streams'
+    # counts, BatchNorm statistics and EMA come back with it, the data order and keys are recomputed.
+    part = dataclasses.replace(config, out_dir=str(tmp_path), max_steps=3)
+    assert loop.train(part).steps == 3
+    resumed = loop.train(dataclasses.replace(part, max_steps=config.max_steps, resume=True))
+    assert resumed.steps == config.max_steps
+    assert_same(resumed.final_weights, reference)
+
+
+def test_lenet5_with_its_recipe():
+    compare(dataclasses.replace(recipes.lenet5_mnist(seed=1), **SMALL))
 

@@ -240,8 +240,10 @@ def make_functions(config: TrainConfig, task, *, train_graphdef, eval_graphdef, 
     which draws no random numbers). "ema" is {"params", "other"}, or None without ema_decay.
     """
     batch, micro, k = config.batch_size, config.micro_batch_size, config.accumulate
-    shard_batch = (lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))) if mesh else (lambda x: x)
     fresh = lambda tree: jax.tree.map(lambda v: v, tree)  # noqa: E731
+
+    def shard_batch(x):
+        return jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh)) if mesh is not None else x
 
     def loss_fn(params, counts, other, x, y):
         # Fresh Variables at this trace level (value_and_grad passes the rest through as is):
@@ -413,7 +415,6 @@ def train(config: TrainConfig) -> TrainResult:
     state = initial_state(params, rng_counts, other)
     mesh = parallel.make_mesh() if config.data_parallel else None
     state = parallel.put_replicated(state, mesh)
-    local_rng = (rng_keys, rng_counts)
     fns = make_functions(config, task, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef,
                          rng_keys=parallel.put_replicated(rng_keys, mesh),
                          rng_counts=parallel.put_replicated(rng_counts, mesh), tx=tx, schedule=schedule,
@@ -524,8 +525,9 @@ def train(config: TrainConfig) -> TrainResult:
     test_metrics = evaluate(test_dev, best)
     best_record = next((r for r in history if r["step"] == best_step), None)
     best_score = best_record[f"selection_{task.metric}"] if best_record else test_metrics[task.metric]
-    best_params, best_other = jax.tree.map(jnp.asarray, parallel.to_host((best["params"], best["other"])))
-    model = nnx.merge(eval_graphdef, best_params, *local_rng, best_other)
+    best_params, best_other, counts = jax.tree.map(
+        jnp.asarray, parallel.to_host((best["params"], best["other"], state["rng_counts"])))
+    model = nnx.merge(eval_graphdef, best_params, rng_keys, counts, best_other)
     model.eval()
     model_dir = None
     if out_dir is not None:

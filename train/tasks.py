@@ -13,7 +13,9 @@ them, the loss, the evaluation totals and the scores made of them, the network a
   `crop_size` x `crop_size` per example on the device. The network is FCN-32s/16s/8s grown from a
   classifier (`convert.grow_segmentation`); per-pixel cross-entropy over non-void pixels; pixel
   accuracy and mean IU (the paper's sec. 5) from a confusion matrix accumulated on the device
-  over whole, padded test images.
+  over whole test images, each padded at the bottom and right with black to the split's largest
+  size (as the predictors' shape buckets pad; the padding's labels are void). With accumulate > 1
+  the loss is the mean of the micro-batches' means over their non-void pixels.
 
 `make_task(config)` picks the task from `config.dataset`.
 """
@@ -49,28 +51,11 @@ def _say(message: str) -> None:
 # which task
 
 
-def _segmentation_data():
-    """`train.segmentation_data` (the segmentation data sets), or None where it does not exist yet."""
-    try:
-        from train import segmentation_data
-    except ImportError:
-        return None
-    return segmentation_data
-
-
 def task_name(dataset: str, data_dir=None) -> str:
-    """"segmentation" or "classification" for a data set name."""
+    """"classification" or "segmentation"; an unknown name raises a ValueError listing the data sets."""
     from train import data
 
-    source = data.DATASETS.get(dataset)
-    if source is not None and getattr(source, "task", "classification") == "segmentation":
-        return "segmentation"
-    seg = _segmentation_data()
-    if seg is not None:
-        return "segmentation" if seg.is_segmentation_dataset(dataset, data_dir) else "classification"
-    from train import segment_data
-
-    return "segmentation" if dataset == segment_data.NAME else "classification"
+    return data.get_source(dataset, data_dir).task
 
 
 def _defaults() -> dict[str, Any]:
@@ -89,26 +74,26 @@ def check_config(config: TrainConfig) -> str:
     segmentation data set or the other way round, when no variant is chosen for a segmentation
     data set, or when the starting weights do not fit.
     """
-    from train import data
+    import convert
 
     name = task_name(config.dataset, config.data_dir)
     defaults = _defaults()
     changed = lambda names: [n for n in names if getattr(config, n) != defaults[n]]  # noqa: E731
     if name == "classification":
-        data.get_source(config.dataset)  # an unknown name lists the data sets
         wrong = changed(SEGMENTATION_ONLY)
         if wrong:
             raise ValueError(f"{', '.join(wrong)} appl{'y' if len(wrong) > 1 else 'ies'} to segmentation data sets; "
                              f"{config.dataset!r} is a classification data set (one label per image)")
-        if config.init_from is not None and _is_segmentation_dir(config.init_from):
+        if config.init_from is not None and convert.is_segmentation_dir(config.init_from):
             raise ValueError(f"init_from={config.init_from!r} holds a segmentation net; a classifier starts from a "
                              f"saved classifier (a classification run's model/)")
         return name
     wrong = changed(CLASSIFICATION_ONLY)
     if wrong:
-        raise ValueError(f"{', '.join(wrong)} {'are classification options' if len(wrong) > 1 else 'is a classification option'} "
-                         f"(augmentation of whole images, smoothing of image labels); {config.dataset!r} is a "
-                         f"segmentation data set (one label per pixel): leave them at their defaults")
+        what = "are classification options" if len(wrong) > 1 else "is a classification option"
+        raise ValueError(f"{', '.join(wrong)} {what} (augmentation of whole images, smoothing of image labels); "
+                         f"{config.dataset!r} is a segmentation data set (one label per pixel): leave them at "
+                         f"their defaults")
     if config.variant is None:
         raise ValueError(f"{config.dataset!r} is a segmentation data set: choose the network with variant= "
                          f"(--variant) {', '.join(SEGMENTATION_VARIANTS)}")
@@ -118,29 +103,14 @@ def check_config(config: TrainConfig) -> str:
         from zoo import pretrained
 
         pretrained.metadata(config.model, config.pretrained)  # an unknown tag lists those that exist
-    if config.init_from is not None and _is_segmentation_dir(config.init_from):
-        backbone = _segmentation_config(config.init_from).get("backbone", {}).get("model")
+    if config.init_from is not None and convert.is_segmentation_dir(config.init_from):
+        from convert.segment import read_segmentation_config
+
+        backbone = read_segmentation_config(config.init_from).get("backbone", {}).get("model")
         if backbone not in (None, config.model):
             raise ValueError(f"init_from={config.init_from!r} is a segmentation net on a {backbone!r} backbone, "
                              f"but model={config.model!r}")
     return name
-
-
-def _is_segmentation_dir(directory) -> bool:
-    import convert
-
-    return convert.is_segmentation_dir(directory)
-
-
-def _segmentation_config(directory) -> dict:
-    import json
-
-    import convert
-
-    reader = getattr(convert, "read_segmentation_config", None)
-    if reader is not None:
-        return reader(directory)
-    return json.loads((Path(directory) / "segmentation.json").read_text())
 
 
 def make_task(config: TrainConfig):
@@ -177,10 +147,10 @@ class Classification:
         from train import data
 
         self.config = config
-        self.source = data.get_source(config.dataset)
+        self.source = data.get_source(config.dataset, config.data_dir)
         self.num_classes = self.source.num_classes
         self.image_shape = tuple(self.source.image_shape)
-        self.preprocessing = data.preprocessing_record(config.dataset)
+        self.preprocessing = data.preprocessing_record(config.dataset, config.data_dir)
         self.dtype = jnp.dtype(config.dtype)
 
     def load(self, split: str, limit: int | None) -> tuple[np.ndarray, ...]:
@@ -287,32 +257,6 @@ def save_classifier(model, directory: Path, config: TrainConfig, test_accuracy: 
 # segmentation
 
 
-def segmentation_info(dataset: str, data_dir=None) -> dict[str, Any]:
-    """{"num_classes", "class_names", "void", "channels", "preprocessing"} of a segmentation data set."""
-    seg = _segmentation_data()
-    if seg is not None:
-        info = dict(seg.segmentation_info(dataset, data_dir))
-    else:
-        from train import segment_data
-
-        info = {"num_classes": segment_data.NUM_CLASSES, "class_names": list(segment_data.CLASS_NAMES),
-                "void": segment_data.VOID, "channels": 1}
-    channels = int(info["channels"])
-    info.setdefault("preprocessing", {"input": "uint8 NHWC", "scale": 1 / 255, "mean": [0.0] * channels,
-                                      "std": [1.0] * channels})
-    return info
-
-
-def load_segmentation_examples(dataset: str, split: str, data_dir=None, *, limit: int | None = None):
-    """[(image (H, W, C) uint8, label (H, W) uint8)] of a split."""
-    seg = _segmentation_data()
-    if seg is not None:
-        return seg.load_segmentation(dataset, split, data_dir, limit=limit)
-    from train import segment_data
-
-    return [(image[..., None], label) for image, label in segment_data.load_scenes(split, data_dir, limit=limit)]
-
-
 def pad_examples(examples, *, min_size: int = 0, void: int = VOID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Examples of various sizes as three arrays: images (N, Hmax, Wmax, C) uint8 padded with zeros,
     labels (N, Hmax, Wmax) uint8 padded with `void`, sizes (N, 2) int32 (h, w); Hmax, Wmax >= min_size."""
@@ -402,16 +346,25 @@ class Segmentation:
     train_metric = "pixel_accuracy"
 
     def __init__(self, config: TrainConfig):
+        from train import data, segmentation_data
+
         self.config = config
-        self.info = segmentation_info(config.dataset, config.data_dir)
+        self.info = segmentation_data.segmentation_info(config.dataset, config.data_dir)
         self.num_classes = int(self.info["num_classes"])
-        self.void = int(self.info.get("void", VOID))
-        self.preprocessing = self.info["preprocessing"]
+        self.void = int(self.info["void"])
+        self.preprocessing = data.preprocessing_record(config.dataset, config.data_dir)  # [0, 1] inputs
         self.image_shape = (config.crop_size, config.crop_size, int(self.info["channels"]))
         self.dtype = jnp.dtype(config.dtype)
 
     def load(self, split: str, limit: int | None) -> tuple[np.ndarray, ...]:
-        examples = load_segmentation_examples(self.config.dataset, split, self.config.data_dir, limit=limit)
+        """(images, labels, sizes) of "train" or "test" (a data set without a test split, such as a
+        folder prepared with its own train and val lists, is evaluated on "val")."""
+        from train import segmentation_data
+
+        if split == "test" and "test" not in self.info["splits"] and "val" in self.info["splits"]:
+            _say(f"{self.config.dataset} has no test split: evaluating on its val split (the test_* metrics)")
+            split = "val"
+        examples = segmentation_data.load_segmentation(self.config.dataset, split, self.config.data_dir, limit=limit)
         if not examples:
             raise ValueError(f"the {split} split of {self.config.dataset!r} is empty")
         # Training images are padded to at least one crop, so every crop lies inside the array.

@@ -18,5 +18,5 @@ from zoo.summary import summarize  # noqa: E402
 __all__ = [
     "Classifier", "FeatureExtractor", "Head", "ModelSpec", "Stage", "backbone_steps", "check_images",
     "count_params", "create_model", "dense_head", "eval_shape", "find_stages", "get_spec", "list_models",
-    "output_shape", "register", "stage_maps", "summarize",
+    "load_pretrained", "output_shape", "register", "stage_maps", "summarize",
 ]

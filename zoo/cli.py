@@ -32,14 +32,22 @@ def _format_table(rows: list[list[str]], header: list[str], right: set[int] = fr
 
 
 def cmd_list(args) -> int:
+    from zoo import pretrained
     from zoo.pretrained import available_tags
     from zoo.registry import get_spec, list_models
 
     specs = [get_spec(n) for n in list_models()]
     if args.family:
         specs = [s for s in specs if s.family == args.family]
+        if not specs:
+            families = sorted({get_spec(n).family for n in list_models()})
+            raise ValueError(f"no model of family {args.family!r}; families: {', '.join(families)}")
+    shipped = [pretrained.metadata(name, tag) for name, tag in pretrained.shipped()]
     if args.json:
-        print(json.dumps([{**s.to_dict(), "pretrained": available_tags(s.name)} for s in specs], indent=2))
+        print(json.dumps({"models": [{**s.to_dict(), "pretrained": available_tags(s.name)} for s in specs],
+                          "shipped": [{"name": m["model"], "tag": m["tag"], "kind": pretrained.kind_of(m),
+                                       "dataset": m["dataset"], "result": pretrained.result_line(m)}
+                                      for m in shipped]}, indent=2))
         return 0
     rows = [[s.name, f"{s.num_params:,}", "x".join(map(str, s.input_shape)),
              "x".join(map(str, s.min_size)), s.head_kind, str(s.total_stride),
@@ -47,6 +55,12 @@ def cmd_list(args) -> int:
             for s in specs]
     header = ["model", "params", "input", "min", "head", "stride", "weights", "paper", "introduced"]
     print(_format_table(rows, header, right={1, 5}))
+    if not args.family:
+        print("\nshipped weights (zoo/weights, sha256-checked; create_model(NAME, pretrained=TAG) or "
+              "zoo segment --model NAME-TAG):")
+        print(_format_table([[f"{m['model']}-{m['tag']}", pretrained.kind_of(m), m["dataset"],
+                              pretrained.result_line(m)] for m in shipped],
+                            ["weights", "kind", "dataset", "measured result"]))
     return 0
 
 
