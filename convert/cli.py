@@ -63,21 +63,33 @@ def cmd_predict_dense(args) -> int:
     return 0
 
 
-def _classifier_beside(net, metadata: dict):
-    """(converted classifier, its preprocessing) the net grew from, when its weights are shipped; else (None, None)."""
+def _classifier_beside(net, metadata: dict, depth: int = 0):
+    """(converted classifier, its preprocessing) the net grew from, when its weights can be found; else (None, None).
+
+    Shipped nets record it ("classifier": {"model", "pretrained"}); a trained net's directory records its
+    stage's config, whose init_from leads back through the earlier stages to the classifier.
+    """
     import zoo
     from convert.fcn import to_fcn
-    from zoo import pretrained
+    from convert.segment import is_segmentation_dir, read_segmentation_config
+    from zoo import pretrained, saving
 
-    train_config = metadata.get("train_config") or metadata.get("train", {}).get("train_config") or {}
-    model, tag = train_config.get("model"), train_config.get("pretrained")
-    if not model or not tag or (model, tag) not in pretrained.shipped("classifier"):
+    origin = metadata.get("classifier") or metadata.get("train_config") \
+        or metadata.get("train", {}).get("train_config") or {}
+    model, tag, init_from = origin.get("model"), origin.get("pretrained"), origin.get("init_from")
+    classifier = record = None
+    if model and tag and (model, tag) in pretrained.shipped("classifier"):
+        classifier, record = zoo.create_model(model, pretrained=tag), pretrained.metadata(model, tag)["preprocessing"]
+    elif init_from and Path(init_from).is_dir() and depth < 5:
+        if is_segmentation_dir(init_from):
+            return _classifier_beside(net, read_segmentation_config(init_from).get("metadata", {}), depth + 1)
+        if (Path(init_from) / saving.CONFIG_FILE).is_file():
+            classifier = saving.load_model(init_from)
+            record = saving.read_config(init_from).get("metadata", {}).get("preprocessing")
+    if classifier is None or record is None:
         return None, None
-    classifier = zoo.create_model(model, pretrained=tag)
     fcn = to_fcn(classifier)
-    if fcn.num_classes > net.num_classes:
-        return None, None
-    return fcn, pretrained.metadata(model, tag)["preprocessing"]
+    return (fcn, record) if fcn.num_classes <= net.num_classes else (None, None)
 
 
 def cmd_segment(args) -> int:

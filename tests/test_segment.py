@@ -267,7 +267,7 @@ def test_shipped_nets_reproduce_their_recorded_mean_iou(name, tag):
     net = cs.load_shipped_segmentation(name, tag)
     predictor = convert.DensePredictor(net)
     matrix = np.zeros((net.num_classes, net.num_classes), np.int64)
-    for index in range(check["scenes"]):
+    for index in range(check["images"]):
         scene = digit_scenes.generate_scene("test", index)
         labels = predictor.predict(scene.image[..., None] / 255.0).labels()
         matrix += tasks.confusion(scene.label, labels, net.num_classes)

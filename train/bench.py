@@ -15,42 +15,43 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from train import loop
+from train import loop, tasks
 from train.config import TrainConfig
 
 
 def measure(config: TrainConfig, steps: int, image_shape=(28, 28, 1), num_classes: int = 10) -> dict:
+    """Compile and time the loop's train step for `config` on random uint8 images of `image_shape`."""
     n = config.batch_size * 4
     rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (n, *image_shape), dtype=np.uint8))
-    labels = jax.device_put(rng.integers(0, num_classes, (n,), dtype=np.int32))
-    model = loop.init_model(config, image_shape, num_classes)
+    data = jax.device_put((rng.integers(0, 256, (n, *image_shape), dtype=np.uint8),
+                           rng.integers(0, num_classes, (n,), dtype=np.int32)))
+    task = tasks.make_task(config)
+    model = task.build()
     model.eval()
-    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
+    eval_graphdef = loop.split_model(model)[0]
     if config.remat:
         loop.remat_blocks(model)
     model.train()
-    graphdef, params, rng_state, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    graphdef, params, rng_keys, rng_counts, other = loop.split_model(model)
     schedule = loop.make_schedule(config, 1000, 4)
     tx = loop.make_optimizer(config, schedule)
-    fns = loop.make_functions(config, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_state=rng_state,
-                              tx=tx, schedule=schedule, num_classes=num_classes, num_train=n, steps_per_epoch=4,
-                              preprocessing={"scale": 1 / 255, "mean": [0.5], "std": [0.25]})
-    state = jax.jit(lambda p, o: {"step": jax.numpy.int32(0), "params": p, "other": o, "opt_state": tx.init(p),
-                                  "ema": None})(params, other)
-    order = fns.permutation(0)
+    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_keys=rng_keys,
+                              rng_counts=rng_counts, tx=tx, schedule=schedule, steps_per_epoch=4)
+    state = jax.jit(lambda p, c, o: {"step": jnp.int32(0), "params": p, "rng_counts": c, "other": o,
+                                     "opt_state": tx.init(p), "ema": None})(params, rng_counts, other)
+    order = jax.device_put(loop.epoch_order(config.seed, 0, n, n))
     start = time.perf_counter()
-    compiled = fns.train_steps.lower(state, images, labels, order, 1).compile()
+    compiled = fns.train_steps.lower(state, data, order, 1).compile()
     compile_seconds = time.perf_counter() - start
     temp = compiled.memory_analysis().temp_size_in_bytes
-    state, metrics = compiled(state, images, labels, order)
+    state, metrics = compiled(state, data, order)
     metrics.block_until_ready()
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, images, labels, order)
+        state, metrics = compiled(state, data, order)
     metrics.block_until_ready()
     seconds = (time.perf_counter() - start) / steps
     return {"temp_MiB": round(temp / 2**20, 1), "compile_s": round(compile_seconds, 1),

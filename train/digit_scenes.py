@@ -1,6 +1,6 @@
 """`digit_scenes`: canvases of any size holding real MNIST digits, with a label for every pixel.
 
-The data set the segmentation networks of `train.segment` learn from and are measured on, in the
+The segmentation data set the shipped FCNs (`convert.segment`) learn from and are measured on, in the
 spirit of PASCAL VOC's segmentation task used by Long, Shelhamer & Darrell 2015, "Fully
 Convolutional Networks for Semantic Segmentation", https://arxiv.org/abs/1411.4038.
 

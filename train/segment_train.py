@@ -179,9 +179,6 @@ def train_staged(config: StagedConfig, *, ship_tag: str | None = None) -> dict:
 
     info = segmentation_data.segmentation_info(config.dataset, config.data_dir)
     configs = stage_configs(config)
-    if config.pretrained is None and config.init_from is None:
-        _say(f"warning: {config.backbone} starts from random weights (no --pretrained or --init-from): the paper's "
-             f"nets start from trained classifiers; expect a far lower mean IU and more steps to get anywhere")
     out = Path(config.out)
     machine = (f"{platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.devices()[0].platform} "
                f"({jax.device_count()} device(s))")
@@ -206,7 +203,9 @@ def train_staged(config: StagedConfig, *, ship_tag: str | None = None) -> dict:
             from zoo import pretrained
 
             check = check_metrics(result.model_dir, config.dataset, config.check_examples, config.data_dir)
-            pretrained.export(result.model_dir, ship_tag, extra={"check": check})
+            # Where the classifier beside the net in `zoo segment` comes from (shipped weights only).
+            origin = {"model": config.backbone, "pretrained": config.pretrained} if config.pretrained else {}
+            pretrained.export(result.model_dir, ship_tag, extra={"check": check, "classifier": origin})
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -586,7 +586,7 @@ def load_segmentation(name: str, split: str, data_dir=None, *, limit: int | None
     """The examples of a split, decoded: [(image (H, W, C) uint8, label (H, W) uint8)], sizes varying.
 
     Args:
-        name: digit_scenes (built on first use, as `train.segment` does, about 30 s offline) or a data
+        name: digit_scenes (built on first use, about 30 s offline) or a data
             set prepared with `prepare_segmentation`.
         split: one of `segmentation_info(name)["splits"]` (digit_scenes: "train", "test").
         limit: only the first `limit` examples.

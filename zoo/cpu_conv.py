@@ -23,6 +23,10 @@ carry its own `conv_general_dilated`); `zoo.create_model` does so for every zoo 
 other backends, and for what it does not cover (dilation, groups other than depthwise, layouts other than
 NHWC/HWIO), it is `lax.conv_general_dilated` unchanged. Results equal XLA's convolution up to
 float rounding (tests/test_cpu_conv.py).
+
+Sizes may be symbolic (`jax.export` with symbolic height and width, `zoo export`): the paths
+are the same, the padding stays an expression of the size, and a size the export's
+constraints leave open counts as large (an exported network serves images of any size).
 """
 
 from __future__ import annotations
@@ -33,9 +37,28 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
+from jax import export, lax
+from jax.errors import InconclusiveDimensionOperation
 
 _ENABLED = [True]
+
+
+def _dim(size):
+    """A static size as an int; a symbolic one (jax.export) as it is."""
+    return size if export.is_symbolic_dim(size) else int(size)
+
+
+def _less(size, bound) -> bool:
+    """size < bound for a size that may be symbolic; undecided by the export's constraints: False."""
+    try:
+        return bool(size < bound)
+    except InconclusiveDimensionOperation:
+        return False
+
+
+def _is_zero(size) -> bool:
+    """size == 0, only where that is certain (a symbolic size is not, unless it is the constant 0)."""
+    return not export.is_symbolic_dim(size) and int(size) == 0
 
 
 def enabled() -> bool:
@@ -81,9 +104,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    pads = tuple((_dim(lo), _dim(hi)) for lo, hi in padding)
     out_hw = _out_size(lhs.shape[1:3], rhs.shape[:2], strides, pads)
-    if min(out_hw) < 1 or lhs.shape[0] * out_hw[0] * out_hw[1] * rhs.size < MIN_WORK:
+    if any(_less(n, 1) for n in out_hw) or _less(lhs.shape[0] * out_hw[0] * out_hw[1] * rhs.size, MIN_WORK):
         # Small (or empty: zoo.output_shape probes too-small inputs) convolutions: XLA's op.
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision)
@@ -193,9 +216,9 @@ def max_pool(x, window, strides, padding):
     window, strides = tuple(window), tuple(strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    pads = tuple((_dim(lo), _dim(hi)) for lo, hi in padding)
     out_hw = _out_size(x.shape[1:3], window, strides, pads)
-    if min(out_hw) < 1 or x.size < MIN_POOL_SIZE:
+    if any(_less(n, 1) for n in out_hw) or _less(x.size, MIN_POOL_SIZE):
         return _reduce_max(x, window, strides, pads)  # small or empty: XLA's own gradient
     return _max_pool(x, window, strides, pads)
 
@@ -218,7 +241,7 @@ def _max_pool_forward(x, window, strides, pads):
 
 def _max_pool_grad(window, strides, pads, residuals, dy):
     x, y = residuals
-    if tuple(window) == tuple(strides) and not any(sum(pads, ())):
+    if tuple(window) == tuple(strides) and all(_is_zero(p) for p in sum(pads, ())):
         return (_tiled_max_pool_grad(x, y, dy, window),)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     n, hp, wp, c = padded.shape
