@@ -8,19 +8,24 @@
     result = predictor.predict(image)             # result.scores (h', w', K), result.window(i, j)
     net = convert.grow_segmentation(fcn, "fcn8s", num_classes=21)   # FCN-32s/16s/8s from any converted classifier
     convert.DensePredictor(net).predict(image).labels()             # (H, W) class per pixel
+    fast = convert.fold_batchnorm(fcn)            # BatchNorms folded into their convs, for inference
+    convert.export_fcn(fcn).save("fcn.stablehlo") # any image size, served with jax alone
 """
 
 from convert.checkpoint import convert_checkpoint, load_fcn, save_fcn
+from convert.export import ExportedFCN, export_fcn, load_exported
 from convert.fcn import FCN, convert_head, to_fcn
+from convert.fold import FoldedBatchNorm, find_conv_batchnorm_pairs, fold_batchnorm
 from convert.geometry import Geometry, shape_geometry, walk_geometry
 from convert.predict import DensePredictor, DenseScores, enable_compilation_cache, load_image, save_heatmap
 from convert.segment import (SegmentationFCN, grow_from, grow_segmentation, is_segmentation_dir, load_segmentation,
-                             save_segmentation)
+                             load_shipped_segmentation, save_segmentation)
 from convert.trace import ConversionError
 
 __all__ = [
     "FCN", "ConversionError", "DensePredictor", "DenseScores", "Geometry", "convert_checkpoint", "convert_head",
     "enable_compilation_cache", "load_fcn", "load_image", "save_fcn", "save_heatmap", "shape_geometry",
     "to_fcn", "walk_geometry", "SegmentationFCN", "grow_from", "grow_segmentation", "is_segmentation_dir",
-    "load_segmentation", "save_segmentation",
+    "load_segmentation", "load_shipped_segmentation", "save_segmentation",
+    "ExportedFCN", "FoldedBatchNorm", "export_fcn", "find_conv_batchnorm_pairs", "fold_batchnorm", "load_exported",
 ]

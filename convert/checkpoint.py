@@ -9,7 +9,8 @@ A saved FCN is a directory:
 `load_fcn(dir)` rebuilds the backbone from the registry config of the source
 model (the zoo's `features` of that variant) and the head from its description
 as data, then fills both loudly through `zoo.saving.load_flat_into`. Neither the
-classifier's head nor any user class is needed.
+classifier's head nor any user class is needed. An FCN converted from a Keras file
+(`convert.keras_file`) keeps its backbone as data instead, in `source.kwargs.features`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert import keras_file
 from convert.fcn import FCN, ValidAvgPool, to_fcn
 from zoo import saving
 from zoo.layers import Activation
+from zoo.stages import find_stages
 
 FCN_FORMAT = "fcnzoo-fcn"
 FCN_CONFIG = "fcn.json"
@@ -91,10 +94,16 @@ def load_fcn(directory: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
     kwargs = dict(source["kwargs"])
     if isinstance(kwargs.get("input_size"), list):
         kwargs["input_size"] = tuple(kwargs["input_size"])
-    features_model = zoo.create_model(source["model"], dtype=dtype, include_top=False, **kwargs)
-    fcn = FCN(features_model.features, _head_from_spec(config["head"], dtype), head_spec=config["head"],
+    if source["model"] == keras_file.KERAS_SOURCE:
+        features = keras_file.build_features(kwargs["features"])
+        stages = find_stages(features, tuple(config["input_shape"]))
+        name = source["metadata"].get("name", source["model"])
+    else:
+        features_model = zoo.create_model(source["model"], dtype=dtype, include_top=False, **kwargs)
+        features, stages, name = features_model.features, features_model.stages, source["model"]
+    fcn = FCN(features, _head_from_spec(config["head"], dtype), head_spec=config["head"],
               input_shape=config["input_shape"], feature_shape=config["feature_shape"], pool=config["pool"],
-              source=source["model"], stages=features_model.stages)
+              source=name, stages=stages)
     saving.load_flat_into(fcn, saving.read_weights(directory / saving.WEIGHTS_FILE),
                           source=str(directory / saving.WEIGHTS_FILE))
     fcn.eval()
@@ -102,8 +111,10 @@ def load_fcn(directory: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
 
 
 def load_any(path: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
-    """An FCN from a saved FCN dir, a saved classifier dir (converted now) or a registry name."""
+    """An FCN from a saved FCN dir, a saved classifier dir or a Keras model file (converted now), or a registry name."""
     p = Path(path)
+    if keras_file.is_keras_file(p):
+        return keras_file.from_keras(p)
     if (p / FCN_CONFIG).is_file():
         return load_fcn(p, dtype=dtype)
     if (p / saving.CONFIG_FILE).is_file():
@@ -118,7 +129,11 @@ def load_any(path: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[FCN, Path]:
-    """Turn a saved classifier (zoo.saving format) into a saved FCN at `out`."""
+    """Turn a saved classifier (zoo.saving format) or a Keras model file (.keras, full-model .h5) into a saved FCN at `out`."""
+    if keras_file.is_keras_file(checkpoint):
+        model, spec = keras_file.keras_classifier(checkpoint)
+        fcn = to_fcn(model)
+        return fcn, save_fcn(fcn, out, source=keras_file.keras_source(spec))
     config = saving.read_config(checkpoint)
     model = saving.load_model(checkpoint)
     fcn = to_fcn(model)

@@ -9,11 +9,14 @@ from pathlib import Path
 
 
 def cmd_convert(args) -> int:
-    from convert.checkpoint import convert_checkpoint
+    from convert.checkpoint import FCN_CONFIG, convert_checkpoint
 
     fcn, out = convert_checkpoint(args.checkpoint, args.out)
     g = fcn.geometry
     print(f"converted {fcn.source} ({fcn.pool} head) -> {out}")
+    for note in json.loads((Path(out) / FCN_CONFIG).read_text())["source"]["metadata"].get("notes", []):
+        print("  note: " + ("the final softmax is left out: the FCN returns logits (their softmax is Keras's "
+                            "predict)" if note == "softmax" else note))
     for step in fcn.describe()[1:]:
         print("  " + ", ".join(f"{k}={v}" for k, v in step.items()))
     print(f"geometry: stride {g.stride}, receptive field {g.receptive_field}, offset {g.offset}, "
@@ -169,9 +172,55 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _size_arg(text: str) -> tuple[int, int]:
+    """"HxW" or "S" (square) -> (H, W)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"sizes are HxW or one number, e.g. 64x48 or 64; got {text!r}")
+    values = [int(p) for p in parts]
+    return (values[0], values[-1])
+
+
+def cmd_export(args) -> int:
+    from convert.checkpoint import load_fcn
+    from convert.export import ONNX_UNAVAILABLE, export_fcn
+
+    if args.format == "onnx":
+        raise ValueError(ONNX_UNAVAILABLE)
+    fcn = load_fcn(args.fcn_dir)
+    result = export_fcn(fcn, min_size=_size_arg(args.min_size) if args.min_size else None,
+                        multiple_of=_size_arg(args.multiple_of) if args.multiple_of else 1,
+                        max_size=_size_arg(args.max_size) if args.max_size else None,
+                        platforms=args.platform, fold=not args.no_fold, verify=not args.no_verify)
+    out = result.save(args.out)
+    info = result.info
+    if args.json:
+        print(json.dumps({**info, "artifact": str(out), "bytes": out.stat().st_size}, indent=2))
+        return 0
+    g = info["geometry"]
+    print(f"exported FCN({info['source']}) -> {out} ({out.stat().st_size / 1e6:.1f} MB StableHLO, "
+          f"{', '.join(info['platforms'])}; description in {out}.json)")
+    print(f"input  (n, H, W, {info['input']['channels']}) float32, {info['input']['sizes']}")
+    print(f"output ({', '.join(info['output']['shape'])}) float32 scores; cell (i, j) judges the window "
+          f"top = {g['offset'][0]} + {g['stride'][0]}*i, left = {g['offset'][1]} + {g['stride'][1]}*j, "
+          f"{g['receptive_field'][0]}x{g['receptive_field'][1]} px")
+    print(f"BatchNorms folded into their convolutions: {info['folded_batchnorms']}")
+    for check in info["verified"]:
+        print(f"checked against the live network on {check['size'][0]}x{check['size'][1]} images: "
+              f"max |diff| {check['max_abs_diff']:.2g}")
+    print(f"serve it with jax alone: jax.export.deserialize(open({str(out)!r}, 'rb').read()).call(images)")
+    return 0
+
+
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="turn a saved classifier into a saved fully convolutional network")
-    p.add_argument("checkpoint", help="saved classifier directory (model.json + weights.safetensors)")
+    p = subparsers.add_parser(
+        "convert", help="turn a saved classifier or a Keras model file into a saved fully convolutional network",
+        description="Convert a classifier into a fully convolutional network with the same weights. A Keras file is "
+                    "read as data (its config JSON and HDF5 weights; no code in it runs): a Sequential or "
+                    "functional chain of Conv2D, DepthwiseConv2D, SeparableConv2D, pooling, BatchNormalization, "
+                    "Dropout, Flatten, Dense, Activation/ReLU, Rescaling and ZeroPadding2D layers.")
+    p.add_argument("checkpoint", help="saved classifier directory (model.json + weights.safetensors), or a Keras "
+                                      "model file (.keras, or a legacy full-model .h5)")
     p.add_argument("--out", required=True, help="directory for the FCN (fcn.json + weights.safetensors)")
     p.set_defaults(func=cmd_convert)
 
@@ -208,3 +257,24 @@ def add_commands(subparsers) -> None:
     p.add_argument("--cache-dir", help="JAX persistent compilation cache directory (later runs skip compiling)")
     p.add_argument("--json", action="store_true", help="print a machine-readable report instead")
     p.set_defaults(func=cmd_segment)
+
+    p = subparsers.add_parser(
+        "export", help="a saved FCN as one StableHLO file that runs on any image size without this project",
+        description="Export a saved FCN (what `zoo convert` writes) with jax.export: symbolic batch, height and "
+                    "width constrained to the sizes the network accepts, weights inside, BatchNorms folded. "
+                    "The artifact is checked against the live network on three image sizes.")
+    p.add_argument("fcn_dir", help="saved FCN directory (fcn.json + weights.safetensors)")
+    p.add_argument("--out", required=True, help="artifact to write, e.g. model.stablehlo (+ model.stablehlo.json)")
+    p.add_argument("--format", choices=("stablehlo", "onnx"), default="stablehlo", help="default: %(default)s")
+    p.add_argument("--min-size", metavar="HxW", help="smallest image to allow (default: the receptive field of "
+                                                     "VALID nets, the training size of padded ones)")
+    p.add_argument("--max-size", metavar="HxW", help="largest image to allow (default: no limit)")
+    p.add_argument("--multiple-of", metavar="HxW",
+                   help="allow only sizes that are multiples of this (e.g. 32 for EfficientNet, whose padding "
+                        "depends on whether a side is even)")
+    p.add_argument("--platform", action="append", choices=("cpu", "cuda", "rocm", "tpu"),
+                   help="where the artifact may run; repeat for several (default: this machine's)")
+    p.add_argument("--no-fold", action="store_true", help="keep the BatchNorms as they are")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against the live network")
+    p.add_argument("--json", action="store_true", help="print the artifact's description as JSON")
+    p.set_defaults(func=cmd_export)

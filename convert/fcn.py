@@ -18,7 +18,8 @@ layers up to the first nonlinearity become 1x1 convs applied before the pool,
 and the global mean becomes an average pool with window = the training feature
 map, stride 1; layers after the first nonlinearity run as 1x1 convs on the
 pooled map. Nothing here imports an architecture file: the model is read from
-the `zoo.classifier` protocol or as a chain of layers (`convert.trace`).
+the `zoo.classifier` protocol, as a chain of layers, or from the trace of its
+forward pass (`convert.trace`; Flax Linen modules through `convert.linen`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from convert.geometry import Geometry, walk_geometry
-from convert.trace import (ConversionError, Step, _shape_of, activation_name, forward_steps, is_composite,
-                           is_elementwise, is_per_position, layer_label, pool_kind)
+from convert.trace import (ConversionError, NotAChain, Step, _shape_of, activation_name, forward_steps,
+                           is_composite, is_elementwise, is_per_position, layer_label, pool_kind, read_traced)
 from zoo.classifier import check_images
 from zoo.layers import Activation, AvgPool
 from zoo.stages import Stage, find_stages
@@ -294,20 +295,41 @@ def _split_chain(model: Callable, input_shape) -> tuple[list[Step], Step, list[S
     return steps[:k], pool_step, head
 
 
-def to_fcn(model: Callable, input_shape: Sequence[int] | None = None, *, name: str | None = None) -> FCN:
+def _is_linen(model) -> bool:
+    try:
+        import flax.linen as nn
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, nn.Module)
+
+
+def to_fcn(model: Callable, variables=None, input_shape: Sequence[int] | None = None, *, name: str | None = None,
+           apply_kwargs: dict | None = None) -> FCN:
     """Convert a classifier into a fully convolutional network with the same weights.
 
     Args:
-        model: a `zoo.classifier.Classifier`, an `nnx.Sequential`, or an nnx.Module whose
-            `__call__` chains its submodules.
+        model: a `zoo.classifier.Classifier`, an `nnx.Sequential`, any nnx.Module classifier (its
+            `__call__` may mix submodules and functions freely: it is read from its trace), or a
+            Flax Linen module (then pass its `variables`).
+        variables: a Linen module's variables ({"params": ..., "batch_stats": ...}). For NNX models
+            the second positional argument is the input shape: `to_fcn(model, (28, 28, 1))`.
         input_shape: (H, W, C) the classifier was trained on (default: `model.input_shape`).
         name: used in messages and saved files (default: the model's name or class).
+        apply_kwargs: Linen only: keyword arguments of an inference call (default: found from the
+            signature, e.g. train=False); see `convert.linen`.
     Returns:
         an `FCN` in eval mode: (N, H', W', C) -> (N, h', w', K); at the training size
         the output is (N, 1, 1, K) and equals the classifier's logits.
     Raises:
-        ConversionError (a ValueError) naming the layer that cannot be converted and why.
+        ConversionError (a ValueError) naming the layer, or the line of the forward pass, that cannot
+        be converted and why.
     """
+    linen = _is_linen(model)
+    if not linen and variables is not None:
+        if input_shape is not None or isinstance(variables, dict):
+            raise ValueError(f"variables are for Flax Linen modules; {type(model).__name__} holds its own weights: "
+                             f"to_fcn(model, input_shape=(H, W, C))")
+        input_shape, variables = variables, None
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
         if input_shape is None:
@@ -316,6 +338,11 @@ def to_fcn(model: Callable, input_shape: Sequence[int] | None = None, *, name: s
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {input_shape}")
     name = name or getattr(model, "name", None) or type(model).__name__
+    if linen:
+        from convert.linen import read_linen
+
+        backbone, pool, head_layers = read_linen(model, variables, input_shape, apply_kwargs=apply_kwargs)
+        return _assemble(backbone, pool, head_layers, input_shape, name, stages=())
     head_obj = getattr(model, "head", None)
     if hasattr(model, "features") and head_obj is not None and hasattr(head_obj, "pool"):
         backbone = nnx.clone(model.features)
@@ -325,11 +352,25 @@ def to_fcn(model: Callable, input_shape: Sequence[int] | None = None, *, name: s
     elif hasattr(model, "features") and hasattr(model, "head") and head_obj is None:
         raise ConversionError(f"{name} has no head (include_top=False): it is already fully convolutional")
     else:
-        before, pool_step, head = _split_chain(model, input_shape)
-        pool = pool_kind(pool_step.layer, pool_step.in_shape, pool_step.out_shape)
-        backbone = nnx.clone(nnx.Sequential(*[s.layer for s in before]))
-        head_layers = [(s.name, s.layer) for s in head]
+        try:
+            before, pool_step, head = _split_chain(model, input_shape)
+        except NotAChain:
+            if not isinstance(model, nnx.Module):
+                raise
+            before = None
+        if before is None:  # not a chain of layers: read what the forward pass computes from its trace
+            copy = nnx.clone(model)
+            copy.eval()
+            backbone, pool, head_layers = read_traced(copy, input_shape, name=name)
+        else:
+            pool = pool_kind(pool_step.layer, pool_step.in_shape, pool_step.out_shape)
+            backbone = nnx.clone(nnx.Sequential(*[s.layer for s in before]))
+            head_layers = [(s.name, s.layer) for s in head]
         stages = ()
+    return _assemble(backbone, pool, head_layers, input_shape, name, stages)
+
+
+def _assemble(backbone, pool: str, head_layers, input_shape, name: str, stages) -> FCN:
     feature_shape = _shape_of(backbone, (1, *input_shape))
     if len(feature_shape) != 4:
         raise ConversionError(f"the backbone of {name} returns shape {feature_shape}, not a (N, h, w, c) map")

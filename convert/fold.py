@@ -56,22 +56,16 @@ def _foldable_bn(module) -> bool:
     return type(module) is nnx.BatchNorm
 
 
-def _sub_jaxprs(eqn):
-    return jax_core.jaxprs_in_params(eqn.params)
-
-
 def _tag_pairs(jaxpr) -> tuple[list[tuple[int, int]], Counter]:
     """(conv index, bn index) where a tagged BatchNorm input is a tagged conv output read by it alone,
     and how often each (kind, index) was tagged, over `jaxpr` and every jaxpr inside it."""
     pairs, calls = [], Counter()
 
     def walk(jaxpr):
-        uses, produced_by = Counter(), {}
+        uses, produced_by, candidates = Counter(), {}, []
         for eqn in jaxpr.eqns:
-            for v in eqn.invars:
-                if isinstance(v, jax_core.Var):
-                    uses[v] += 1
-            for sub in _sub_jaxprs(eqn):
+            uses.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
+            for sub in jax_core.jaxprs_in_params(eqn.params):
                 walk(sub)
             if eqn.primitive is not _TAG:
                 continue
@@ -80,20 +74,16 @@ def _tag_pairs(jaxpr) -> tuple[list[tuple[int, int]], Counter]:
             if kind == "conv":
                 produced_by[eqn.outvars[0]] = index
             elif eqn.invars[0] in produced_by:
-                pairs.append((produced_by[eqn.invars[0]], index, eqn.invars[0]))
-        for v in jaxpr.outvars:
-            if isinstance(v, jax_core.Var):
-                uses[v] += 1
-        pairs[:] = [(c, b, v) if not isinstance(v, jax_core.Var) or uses[v] == 1 else None
-                    for c, b, v in [p for p in pairs if p is not None and p[2] in uses]] + \
-                   [p for p in pairs if p is not None and p[2] not in uses]
+                candidates.append((produced_by[eqn.invars[0]], index, eqn.invars[0]))
+        uses.update(v for v in jaxpr.outvars if isinstance(v, jax_core.Var))
+        pairs.extend((conv, bn) for conv, bn, v in candidates if uses[v] == 1)
 
     walk(jaxpr)
-    return [(c, b) for c, b, _ in (p for p in pairs if p is not None)], calls
+    return pairs, calls
 
 
 def find_conv_batchnorm_pairs(model: nnx.Module, input_shape=None) -> list[tuple[str, str]]:
-    """The (conv path, BatchNorm path) pairs `fold_batchnorm` folds, as dotted attribute paths.
+    """The (conv path, BatchNorm path) pairs `fold_batchnorm` folds (in eval mode), as dotted paths.
 
     Args:
         model: any nnx.Module taking a batch of images (N, H, W, C).
@@ -131,6 +121,7 @@ def _pairs(model: nnx.Module, input_shape) -> list[tuple[tuple, tuple]]:
 
     def run(state, x):
         copy = nnx.merge(graphdef, state)
+        copy.eval()
         for path, node in nnx.iter_graph(copy):
             kind = "conv" if _foldable_conv(node) else "bn" if _foldable_bn(node) else None
             if kind is not None:

@@ -99,10 +99,24 @@ def randomize_batch_stats(model, seed=0):
     return model
 
 
+class FunctionCallsModule(nnx.Module):
+    """Functions between the submodule calls: not a chain, so it is read from its trace (convert.trace)."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), padding="VALID", rngs=rngs)
+        self.fc = nnx.Linear(12 * 12 * 4, 6, rngs=rngs)
+        self.out = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.max_pool(jax.nn.relu(self.conv(x)), (2, 2), strides=(2, 2))
+        return self.out(jnp.tanh(self.fc(x.reshape(x.shape[0], -1))))
+
+
 USER_MODELS = {
     "mnist_cnn_plain": (mnist_cnn_plain, (28, 28, 1), True),
     "mnist_cnn_layers": (mnist_cnn_layers, (28, 28, 1), True),
     "mnist_module": (MnistModule, (28, 28, 1), True),
+    "function_calls_module": (FunctionCallsModule, (26, 26, 1), True),
     "protocol_flatten": (protocol_flatten, (25, 25, 3), True),
     "protocol_avg": (protocol_avg, (24, 24, 3), True),
     "protocol_avg_same": (functools.partial(protocol_avg, padding="SAME"), (24, 24, 3), False),
@@ -438,19 +452,6 @@ def test_global_max_pool_is_not_mistaken_for_average():
                            nnx.Linear(4, 2, rngs=rngs))
     with pytest.raises(ConversionError, match="neither a row-major flatten nor a global average pool"):
         to_fcn(model, (8, 8, 1))
-
-
-def test_module_with_hidden_function_calls_says_what_to_do():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.conv = nnx.Conv(1, 4, (3, 3), padding="VALID", rngs=rngs)
-            self.fc = nnx.Linear(144, 2, rngs=rngs)
-
-        def __call__(self, x):
-            return self.fc(jax.nn.relu(self.conv(x)).reshape(x.shape[0], -1))
-
-    with pytest.raises(ConversionError, match="nnx.Sequential.*expose `features`"):
-        to_fcn(Net(nnx.Rngs(0)), (8, 8, 1))
 
 
 def test_headless_and_already_convolutional_models_are_refused():

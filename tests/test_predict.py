@@ -115,15 +115,17 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(small)
-    rgb = tmp_path / "rgb.png"
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(rgb)
-    cases = [(tmp_path / "notes.png", "not an image file"), (small, "at least 32x32"),
-             (rgb, "3 channel"), (tmp_path / "missing.png", "not found")]
+    cases = [(tmp_path / "notes.png", "not an image"), (small, "at least 32x32"), (tmp_path / "missing.png", "not found")]
     for path, message in cases:
         assert main(["predict-dense", "lenet5", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[0].startswith("warning: lenet5 is a registry name")
         assert len(err) == 2 and message in err[1], err
+    # An RGB image for a grayscale model reaches it as gray (the one image reader), not refused.
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(rgb)
+    assert main(["predict-dense", "lenet5", str(rgb), "--json"]) == 0
+    assert '"image_size": [\n    40,\n    40\n  ]' in capsys.readouterr().out
 
 
 def test_persistent_compilation_cache_writes_executables(tmp_path):

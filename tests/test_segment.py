@@ -138,6 +138,7 @@ def test_score_path_is_the_converted_classifier(name):
     """Inside the image, the coarse scores are the converted classifier's, shifted by fc6's half kernel."""
     fcn = _converted(name)
     net = cs.grow_segmentation(fcn, "fcn8s", num_classes=fcn.num_classes + 1)
+    net.eval()
     s = fcn.stages[-1].stride
     h, w = (-(-(n + k * s) // s) * s for n, k in zip(fcn.input_shape[:2], (2, 3)))  # multiples of s
     x = np.random.default_rng(0).random((1, h, w, fcn.input_shape[-1])).astype(np.float32)
@@ -162,7 +163,8 @@ def test_an_output_pixel_looks_where_it_is(name, variant):
     SAME-padded. Skips get random weights so every path reaches the output.
     """
     fcn = _converted(name)
-    net = cs.grow_segmentation(fcn, variant, num_classes=3)
+    net = cs.grow_segmentation(fcn, variant, num_classes=fcn.num_classes + 1)  # the class filters kept: live
+    net.eval()
     rng = np.random.default_rng(2)
     for k in net.skip_scores:
         k.kernel.set_value(jnp.asarray(rng.standard_normal(k.kernel.shape) * 0.1, jnp.float32))

@@ -34,7 +34,7 @@ def test_export_then_load_gives_the_same_model(shipped):
     model, weights_dir = shipped
     assert pretrained.available_tags("lenet5", weights_dir) == ["unit"]
     assert pretrained.available_tags("lenet", weights_dir) == []
-    loaded = pretrained.load("lenet5", "unit", weights_dir=weights_dir)
+    loaded = zoo.load_pretrained("lenet5", "unit", weights_dir=weights_dir)
     x = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
     model.eval()
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
@@ -50,13 +50,13 @@ def test_a_changed_weights_file_is_refused(shipped):
     blob[-1] ^= 0xFF
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="sha256"):
-        pretrained.load("lenet5", "unit", weights_dir=weights_dir)
+        zoo.load_pretrained("lenet5", "unit", weights_dir=weights_dir)
 
 
 def test_unknown_tag_lists_the_available_ones(shipped):
     _, weights_dir = shipped
     with pytest.raises(ValueError, match="available: unit"):
-        pretrained.load("lenet5", "imagenet", weights_dir=weights_dir)
+        zoo.load_pretrained("lenet5", "imagenet", weights_dir=weights_dir)
 
 
 def test_preprocess_applies_the_recorded_formula():
