@@ -1,7 +1,8 @@
 """Any trained classifier into a fully convolutional network, and dense prediction on any image size.
 
     import convert
-    fcn = convert.to_fcn(classifier)              # same weights, no retraining
+    fcn = convert.to_fcn(classifier)              # same weights, no retraining; Linen: to_fcn(module, variables)
+    fcn = convert.from_keras("model.keras")       # a Keras file, read as data
     fcn(images)                                   # (N, H, W, C) -> (N, h', w', K)
     fcn.geometry                                  # stride, receptive field, offset of each cell's window
     predictor = convert.DensePredictor(fcn)       # one compilation per shape bucket
@@ -17,6 +18,7 @@ from convert.export import ExportedFCN, export_fcn, load_exported
 from convert.fcn import FCN, convert_head, to_fcn
 from convert.fold import FoldedBatchNorm, find_conv_batchnorm_pairs, fold_batchnorm
 from convert.geometry import Geometry, shape_geometry, walk_geometry
+from convert.keras_file import from_keras, keras_classifier
 from convert.predict import DensePredictor, DenseScores, enable_compilation_cache, load_image, save_heatmap
 from convert.segment import (SegmentationFCN, grow_from, grow_segmentation, is_segmentation_dir, load_segmentation,
                              load_shipped_segmentation, save_segmentation)
@@ -28,4 +30,5 @@ __all__ = [
     "to_fcn", "walk_geometry", "SegmentationFCN", "grow_from", "grow_segmentation", "is_segmentation_dir",
     "load_segmentation", "load_shipped_segmentation", "save_segmentation",
     "ExportedFCN", "FoldedBatchNorm", "export_fcn", "find_conv_batchnorm_pairs", "fold_batchnorm", "load_exported",
+    "from_keras", "keras_classifier",
 ]

@@ -259,9 +259,9 @@ def draw(result: Segmentation, path, *, class_names, colors: np.ndarray, backgro
                      fontsize=8, frameon=False, handlelength=1.2, columnspacing=1.0)
     if title:
         fig.text(pad / fig_w, 1 - 0.12 / fig_h, title, fontsize=10, va="top", ha="left", wrap=True)
-        fig.text(pad / fig_w, 1 - 0.42 / fig_h, "classifier panel: each cell's best class, brighter = more probable; "
-                 f"{result.name}: each pixel's class, background left gray", fontsize=8, va="top", ha="left",
-                 color="0.3", wrap=True)
+        legend = (("classifier panel: each cell's best class, brighter = more probable; " if cells is not None else "")
+                  + f"{result.name}: each pixel's class" + (", background left gray" if background is not None else ""))
+        fig.text(pad / fig_w, 1 - 0.42 / fig_h, legend, fontsize=8, va="top", ha="left", color="0.3", wrap=True)
     from zoo.saving import write_files_atomically
 
     path = Path(path)

@@ -109,6 +109,11 @@ def _shipped_classifier(config: StagedConfig):
     return convert.to_fcn(model), preprocessing
 
 
+def evaluation_split(info: dict) -> str:
+    """The split the loop reports as test_*: "test", or "val" for a data set without one (`train.tasks`)."""
+    return "test" if "test" in info["splits"] or "val" not in info["splits"] else "val"
+
+
 def classifier_labels(scores: np.ndarray, threshold: float, background: int) -> np.ndarray:
     """Baseline: (..., K0) classifier scores -> labels, `background` where the top softmax is below threshold."""
     scores = np.asarray(scores, np.float32)
@@ -144,7 +149,8 @@ def baseline(config: StagedConfig, info: dict) -> dict | None:
     threshold = max(fitted, key=fitted.get)
     start = time.perf_counter()
     matrix = np.zeros((info["num_classes"],) * 2, np.int64)
-    test = segmentation_data.load_segmentation(config.dataset, "test", config.data_dir, limit=config.test_examples)
+    test = segmentation_data.load_segmentation(config.dataset, evaluation_split(info), config.data_dir,
+                                               limit=config.test_examples)
     for image, label in test:
         matrix += tasks.confusion(label, classifier_labels(predictor.predict(image / 255.0).scores, threshold,
                                                            background), info["num_classes"])
@@ -163,7 +169,8 @@ def check_metrics(model_dir: Path, dataset: str, count: int, data_dir=None) -> d
     net = convert.load_segmentation(model_dir)
     predictor = convert.DensePredictor(net)
     matrix = np.zeros((net.num_classes,) * 2, np.int64)
-    for image, label in segmentation_data.load_segmentation(dataset, "test", data_dir, limit=count):
+    info = segmentation_data.segmentation_info(dataset, data_dir)
+    for image, label in segmentation_data.load_segmentation(dataset, evaluation_split(info), data_dir, limit=count):
         matrix += tasks.confusion(label, predictor.predict(image / 255.0).labels(), net.num_classes)
     scores = tasks.scores_from_confusion(matrix)
     return {"images": count, "mean_iou": scores["mean_iou"], "pixel_accuracy": scores["pixel_accuracy"]}
