@@ -56,6 +56,7 @@ def save_fcn(fcn: FCN, directory: str | os.PathLike, *, source: dict) -> Path:
         "geometry": fcn.geometry.to_dict(),
     }
     weights = save({k: np.ascontiguousarray(v) for k, v in saving.flat_state(fcn).items()})
+    config.update(saving.weights_digest(weights))
     directory = Path(directory)
     saving.write_files_atomically(directory, {saving.WEIGHTS_FILE: weights})
     saving.write_files_atomically(directory, {FCN_CONFIG: json.dumps(config, indent=2).encode()})
@@ -104,8 +105,8 @@ def load_fcn(directory: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
     fcn = FCN(features, _head_from_spec(config["head"], dtype), head_spec=config["head"],
               input_shape=config["input_shape"], feature_shape=config["feature_shape"], pool=config["pool"],
               source=name, stages=stages)
-    saving.load_flat_into(fcn, saving.read_weights(directory / saving.WEIGHTS_FILE),
-                          source=str(directory / saving.WEIGHTS_FILE))
+    weights_path = saving.check_weights_file(directory, config)
+    saving.load_flat_into(fcn, saving.read_weights(weights_path), source=str(weights_path))
     fcn.eval()
     return fcn
 
@@ -128,8 +129,14 @@ def load_any(path: str | os.PathLike, *, dtype=jnp.float32) -> FCN:
     return to_fcn(model)
 
 
-def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[FCN, Path]:
-    """Turn a saved classifier (zoo.saving format) or a Keras model file (.keras, full-model .h5) into a saved FCN at `out`."""
+def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+                       force: bool = False) -> tuple[FCN, Path]:
+    """Turn a saved classifier (zoo.saving format) or a Keras model file (.keras, full-model .h5) into a saved FCN.
+
+    `out` must be new or empty, or hold an earlier saved FCN (replaced only with `force`): it is never
+    a saved classifier or anything else (`zoo.saving.check_output_dir`), checked before anything is read.
+    """
+    saving.check_output_dir(out, owns={FCN_CONFIG, saving.WEIGHTS_FILE}, what="saved FCN", force=force)
     if keras_file.is_keras_file(checkpoint):
         model, spec = keras_file.keras_classifier(checkpoint)
         fcn = to_fcn(model)

@@ -11,7 +11,7 @@ from pathlib import Path
 def cmd_convert(args) -> int:
     from convert.checkpoint import FCN_CONFIG, convert_checkpoint
 
-    fcn, out = convert_checkpoint(args.checkpoint, args.out)
+    fcn, out = convert_checkpoint(args.checkpoint, args.out, force=args.force)
     g = fcn.geometry
     print(f"converted {fcn.source} ({fcn.pool} head) -> {out}")
     for note in json.loads((Path(out) / FCN_CONFIG).read_text())["source"]["metadata"].get("notes", []):
@@ -222,6 +222,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("checkpoint", help="saved classifier directory (model.json + weights.safetensors), or a Keras "
                                       "model file (.keras, or a legacy full-model .h5)")
     p.add_argument("--out", required=True, help="directory for the FCN (fcn.json + weights.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace the saved FCN already in --out")
     p.set_defaults(func=cmd_convert)
 
     p = subparsers.add_parser("predict-dense", help="class score map of an image of any size")

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -47,7 +48,7 @@ from flax import nnx
 
 from zoo import saving
 from zoo.classifier import Classifier, Head
-from zoo.layers import ACTIVATIONS, Activation, AvgPool, MaxPool, NamedSequential
+from zoo.layers import Activation, AvgPool, MaxPool, NamedSequential
 
 KERAS_SOURCE = "keras-file"  # the `source.model` of an FCN saved from a Keras file
 KNOWN_MAJOR_VERSIONS = (2, 3)
@@ -210,7 +211,7 @@ def read_keras_file(path: str | os.PathLike) -> dict:
                              f"weights into a zoo model with `zoo import keras`")
         version = _version(f.attrs.get("keras_version"), str(path))
         config = _json(f.attrs["model_config"], f"{path} (model_config)")
-        root = f["model_weights"] if "model_weights" in f else f
+        root = f.get("model_weights", f)
         layers = {}
         for layer_name in map(_text, root.attrs.get("layer_names", [])):
             group = root[layer_name]
@@ -262,31 +263,23 @@ def _layer_name(layer: dict) -> str:
     return layer.get("name") or layer.get("config", {}).get("name") or layer.get("class_name", "?")
 
 
+def _tensor_sources(value) -> list[str]:
+    """Names of the layers whose outputs a serialized call argument reads (Keras 3 and tf.keras formats)."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return [value.get("config", {}).get("keras_history", ["?"])[0]]
+        return [name for v in value.values() for name in _tensor_sources(v)]
+    if isinstance(value, (list, tuple)):
+        if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
+            return [value[0]]  # tf.keras: [layer name, node index, tensor index, kwargs]
+        return [name for v in value for name in _tensor_sources(v)]
+    return []
+
+
 def _inbound_names(layer: dict) -> list[list[str]]:
     """For each call (node) of a functional model's layer, the names of the layers it reads."""
-    calls = []
-    for node in layer.get("inbound_nodes", []):
-        names: list[str] = []
-
-        def collect(value):
-            if isinstance(value, dict):
-                history = value.get("config", {}).get("keras_history") if value.get("class_name") == \
-                    "__keras_tensor__" else None
-                if history:
-                    names.append(history[0])
-                else:
-                    for v in value.values():
-                        collect(v)
-            elif isinstance(value, (list, tuple)):
-                if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
-                    names.append(value[0])  # tf.keras: [layer name, node index, tensor index, kwargs]
-                else:
-                    for v in value:
-                        collect(v)
-
-        collect(node.get("args", node) if isinstance(node, dict) else node)
-        calls.append(names)
-    return calls
+    return [_tensor_sources(node.get("args", node) if isinstance(node, dict) else node)
+            for node in layer.get("inbound_nodes", [])]
 
 
 def _chain(config: dict, where: str) -> tuple[list[dict], list[dict]]:
@@ -400,6 +393,9 @@ class _Builder:
                                  f"final softmax converts (it is left out: the FCN returns logits)")
             self.notes.append("softmax")
             return
+        if self.pending_norm is not None:
+            raise ValueError(f"{self.where}: layer {keras_name!r} applies {fn} between a BatchNormalization and the "
+                             f"Dense it would fold into; only a BatchNormalization beside a Dense layer converts")
         step = {"op": "activation", "name": self.step_name(keras_name + ("_activation" if fused else "")), "fn": fn,
                 "params": params}
         if self.pool is None:
@@ -462,11 +458,7 @@ def _build(record: dict, input_shape=None) -> tuple[dict, dict[str, np.ndarray]]
         if c.get("data_format", "channels_last") not in (None, "channels_last"):
             raise ValueError(f"{label} is channels-first; only channels-last (NHWC) models convert")
         spatial = builder.pool is None
-
-        def require_spatial():
-            if not spatial:
-                raise ValueError(f"{label} comes after the {builder.pool} step: only Dense, activation, dropout and "
-                                 f"BatchNormalization layers may follow it")
+        require_spatial = partial(_require_spatial, spatial, label, builder.pool)
 
         if kind in ("Lambda", "TFOpLambda", "SlicingOpLambda"):
             raise ValueError(f"{label} holds Python code, which is never run from a file; replace it with "
@@ -578,7 +570,8 @@ def _build(record: dict, input_shape=None) -> tuple[dict, dict[str, np.ndarray]]
             if kind == "Activation":
                 fn, params = _activation_of(c.get("activation"), label)
             elif kind == "ReLU":
-                params = {k: c[k] for k in ("negative_slope", "max_value", "threshold") if c.get(k) not in (None, 0, 0.0)}
+                params = {k: c[k] for k in ("negative_slope", "max_value", "threshold")
+                          if c.get(k) not in (None, 0, 0.0)}
                 fn = "relu"
             elif kind == "LeakyReLU":
                 fn, params = "leaky_relu", {"negative_slope": float(c.get("negative_slope", c.get("alpha", 0.3)))}
@@ -623,6 +616,12 @@ def _build(record: dict, input_shape=None) -> tuple[dict, dict[str, np.ndarray]]
             "features": builder.features, "pool": builder.pool, "head": builder.head, "notes": builder.notes,
             "keras_version": record["keras_version"], "file": record["file"]}
     return spec, builder.flat
+
+
+def _require_spatial(spatial: bool, label: str, pool: str | None) -> None:
+    if not spatial:
+        raise ValueError(f"{label} comes after the {pool} step: only Dense, activation, dropout and "
+                         f"BatchNormalization layers may follow it")
 
 
 def _map_size(features: list[dict], input_shape) -> tuple[int, int]:

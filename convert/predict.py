@@ -78,10 +78,20 @@ class DenseScores:
 
 
 def validate_image(image, channels: int, min_size: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) float32 array from `image`, or a ValueError that says what is wrong."""
+    """(H, W, C) float32 array from `image`, or a ValueError that says what is wrong.
+
+    Integer pixels are read as `read_image` reads a file: uint8 / 255, uint16 / 65535 (so an array
+    and the same image saved as a PNG give the same answer); floats are taken as they are; other
+    integer types are refused (their range is unknown).
+    """
     array = np.asarray(image)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"the image must be a numeric array, got dtype {array.dtype}")
+    if array.dtype in (np.uint8, np.uint16):
+        array = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    elif np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"an image of dtype {array.dtype} has no known range; pass uint8 (0-255), uint16 or floats "
+                         f"scaled as the network expects ([0, 1] for segmentation nets and `zoo predict-dense`)")
     if array.ndim == 2 and channels == 1:
         array = array[..., None]
     if array.ndim != 3:

@@ -451,8 +451,9 @@ def save_segmentation(net: SegmentationFCN, directory: str | os.PathLike, *, met
         raise ValueError(f"this net's backbone ({source.get('model')!r}) is not a registry model with known options, "
                          f"so it cannot be rebuilt from a file; pass backbone={{'model': NAME, 'kwargs': {{...}}}} to "
                          f"grow_segmentation, or save the weights with zoo.saving.flat_state")
-    config = {"format": SEGMENTATION_FORMAT, **net.spec(), "metadata": dict(metadata or {})}
     weights = save({k: np.ascontiguousarray(v) for k, v in saving.flat_state(net).items()})
+    config = {"format": SEGMENTATION_FORMAT, **net.spec(), "metadata": dict(metadata or {}),
+              **saving.weights_digest(weights)}
     directory = Path(directory)
     saving.write_files_atomically(directory, {saving.WEIGHTS_FILE: weights})
     saving.write_files_atomically(directory, {SEGMENTATION_CONFIG: json.dumps(config, indent=2).encode()})
@@ -497,7 +498,7 @@ def load_segmentation(directory: str | os.PathLike, *, dtype=jnp.float32) -> Seg
     directory = Path(directory)
     config = read_segmentation_config(directory)
     net = build_from_spec(config, dtype=dtype)
-    weights_path = directory / saving.WEIGHTS_FILE
+    weights_path = saving.check_weights_file(directory, config)
     saving.load_flat_into(net, saving.read_weights(weights_path), source=str(weights_path))
     net.eval()
     return net

@@ -402,7 +402,7 @@ class _Graph:
                 self.dense_of[i] = int(match.group(1))
 
     def frontier(self, var) -> tuple[list, set[int]]:
-        """(the (N, h, w, c) image-derived variables that reach `var` through lower-rank ones, the equations between)."""
+        """(image-derived (N, h, w, c) variables reaching `var` through lower-rank ones, the equations between)."""
         maps, region, stack, seen = [], set(), [var], set()
         while stack:
             v = stack.pop()
@@ -637,9 +637,8 @@ def read_traced(model: nnx.Module, input_shape: tuple[int, ...], forward: type[F
     except ConversionError:
         raise
     except Exception as e:
-        raise ConversionError(
-            f"{label} fails on a batch of shape {shape} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"pass the input_shape the model was trained on") from None
+        raise ConversionError(f"{label} fails on a batch of shape {shape} ({_first_line(e)}); pass the "
+                              f"input_shape the model was trained on") from None
     jaxpr = closed.jaxpr
     graph = _Graph(closed, jaxpr.invars[-1])
     weights = dict(zip(jaxpr.invars[:-1], values))
@@ -681,8 +680,8 @@ def read_traced(model: nnx.Module, input_shape: tuple[int, ...], forward: type[F
     if calls.index(stop_at) != min(graph.dense_of[i] for i in region if i in graph.dense_of):
         raise ConversionError(f"the Dense {stop_at!r} of {label} is called before the feature map is made")
 
-    # The pool step: the last (N, k) value between the map and the first Dense that is a
-    # row-major flatten or the spatial mean of the map (checked on probes).
+    # The pool step: a (N, k) value between the map and the first Dense that is a row-major
+    # flatten or the spatial mean of the map (checked on probes), the last one if several.
     first_glue = graph.segment(fmap, dense_calls[0][1])
     pool, pooled = None, None
     candidates = [v for i in first_glue for v in graph.eqns[i].outvars
@@ -701,23 +700,70 @@ def read_traced(model: nnx.Module, input_shape: tuple[int, ...], forward: type[F
             f"flatten nor a global average pool (checked on probe inputs), so the Dense after it has no "
             f"convolutional equivalent")
 
+    # The code from the map to the first Dense, as a function of the pooled features: the map is
+    # rebuilt from them (unflattened, or the mean at every position), which for a mean is checked
+    # to change nothing (the code must read the map only through its mean).
+    _, h, w, c = fmap.aval.shape
+    a1 = dense_calls[0][1]
+    if pool == "flatten":
+        def lift(v):
+            return v.reshape(v.shape[0], h, w, c)
+    else:
+        def lift(v):
+            return jnp.broadcast_to(v[:, None, None, :], (v.shape[0], h, w, c))
+
+    def first_fn(v):
+        return graph.evaluate({**weights, fmap: lift(v)}, [a1])[0]
+
+    probe = jnp.asarray(_probe(tuple(fmap.aval.shape), seed=7))
+    direct = graph.evaluate({**weights, fmap: probe}, [a1])[0]
+    if pool == "avg" and not np.allclose(np.asarray(first_fn(probe.mean(axis=(1, 2)))), np.asarray(direct),
+                                         rtol=1e-5, atol=1e-5):
+        raise ConversionError(
+            f"{label} reads its feature map {fmap.aval.str_short()} other than through its spatial mean before "
+            f"the Dense {stop_at!r} (at {describe_equation(graph.eqns[first_glue[-1]])}), so there is no single "
+            f"pooled vector to convert")
+    pool_eqns = set(graph.segment(fmap, pooled))
+    glue_eqns = [i for i in first_glue if i not in pool_eqns]
+
     head: list[tuple[str, Any]] = []
-    current, first = pooled, True
-    for path, inputs, outputs in [*dense_calls, (None, out, None)]:
-        eqns = graph.segment(current, inputs)
+    width = int(pooled.aval.shape[1])
+    segments = [(first_fn, width, glue_eqns)]
+    for k, (path, inputs, outputs) in enumerate(dense_calls):
+        head_input = dense_calls[k + 1][1] if k + 1 < len(dense_calls) else out
+        eqns = graph.segment(outputs, head_input)
         members = [i for i in eqns if i in graph.dense_of]
         if members:
             raise ConversionError(f"{describe_equation(graph.eqns[members[0]])} is a Dense call off the head's chain")
+
+        def fn(v, start=outputs, end=head_input):
+            return graph.evaluate({**weights, start: v}, [end])[0]
+
+        segments.append((fn, int(outputs.aval.shape[-1]), eqns))
+    for k, (fn, width, eqns) in enumerate(segments):
+        if k > 0:
+            path = dense_calls[k - 1][0]
+            head.append((path, forward.linear(model, path)))
         if eqns:
-            layer = _glue_layer(graph, weights, current, inputs, eqns, pool=pool, first=first, label=label)
+            layer = _glue_layer(graph, fn, width, eqns, pool=pool, first=k == 0, label=label)
             if layer is not None:
                 head.append((f"line {_line_of(graph, eqns)}", layer))
-        if path is not None:
-            head.append((path, forward.linear(model, path)))
-            current, first = outputs, False
     backbone = TracedBackbone(model, kind=forward.kind, stop_at=stop_at,
                               stop_features=dense_calls[0][2].aval.shape[-1])
+    larger = (1, 2 * input_shape[0], 2 * input_shape[1], input_shape[2])
+    try:
+        _shape_of(backbone, larger, dtype)
+    except Exception as e:
+        raise ConversionError(
+            f"the part of {label} before its Dense {stop_at!r} does not run on larger images {larger} "
+            f"({_first_line(e)}): a size is fixed in it (a Dense "
+            f"layer inside the convolutional part, a reshape to a fixed shape), so it cannot slide") from None
     return backbone, pool, head
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _line_of(graph: _Graph, eqns: list[int]) -> str:
@@ -728,18 +774,18 @@ def _line_of(graph: _Graph, eqns: list[int]) -> str:
     return graph.eqns[eqns[0]].primitive.name
 
 
-def _glue_layer(graph: _Graph, weights: dict, start, end, eqns: list[int], *, pool: str, first: bool, label: str):
-    """The code between two steps of the head (an activation, a softmax ...) as a layer for `convert_head`."""
-    if start.aval.ndim != 2 or end.aval.ndim != 2:
+def _glue_layer(graph: _Graph, fn: Callable, width: int, eqns: list[int], *, pool: str, first: bool, label: str):
+    """The code between two steps of the head (an activation, a softmax ...) as a layer for `convert_head`.
+
+    fn: (PROBE_BATCH, width) -> (PROBE_BATCH, width') the code computes; eqns: its equations (for messages).
+    """
+    ends = [v for i in eqns for v in graph.eqns[i].outvars if v in graph.data]
+    if ends and any(v.aval.ndim != 2 for v in ends[-1:]):
         raise ConversionError(
-            f"{describe_equation(graph.eqns[eqns[-1]])} turns the features into {end.aval.str_short()}: only "
+            f"{describe_equation(graph.eqns[eqns[-1]])} turns the features into {ends[-1].aval.str_short()}: only "
             f"functions of each image's (N, features) vector may follow the {pool} step")
-    width = start.aval.shape[1]
     steps = "; ".join(dict.fromkeys(describe_equation(graph.eqns[i]) for i in eqns
                                     if any(v in graph.data for v in graph.eqns[i].outvars)))
-
-    def fn(v):
-        return graph.evaluate({**weights, start: v}, [end])[0]
 
     if not _per_image(fn, width):
         raise ConversionError(f"{steps} mixes the images of a batch, so it cannot run at every position of a map")

@@ -242,6 +242,20 @@ def test_tiles_give_the_untiled_answer():
     assert small.scores.shape == (70, 90, 11) and small.labels().shape == (70, 90)
 
 
+def test_a_uint8_array_reaches_the_net_as_the_same_image_file_does(tmp_path):
+    from convert.predict import read_image
+
+    net = cs.grow_segmentation(_converted("mnistnet"), "fcn16s", num_classes=11)
+    net.eval()
+    pixels = (np.random.default_rng(5).random((40, 52)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    predictor = convert.DensePredictor(net)
+    from_file = predictor.predict(read_image(tmp_path / "x.png", 1)[0]).scores
+    np.testing.assert_allclose(predictor.predict(pixels).scores, from_file, atol=1e-6)
+    with pytest.raises(ValueError, match="no known range"):
+        predictor.predict(pixels.astype(np.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # the one weight store
 

@@ -13,7 +13,10 @@ corrupted files) is reported and skipped in favour of the previous one.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -41,6 +44,10 @@ class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int = 2):
         self.directory = Path(directory).absolute()
         common = dict(create=True, enable_async_checkpointing=False)
+        with _quiet_orbax():  # reading a damaged step's metadata here is reported by restore_latest
+            self._open(keep, common)
+
+    def _open(self, keep: int, common: dict) -> None:
         self.latest = ocp.CheckpointManager(
             self.directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
         self.best = ocp.CheckpointManager(
@@ -93,7 +100,28 @@ class Checkpoints:
         self.best.close()
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs every unreadable file (absl ERROR lines, tracebacks of its threads): we say it in one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "tensorstore")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    hook, threading.excepthook = threading.excepthook, lambda args: None
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _restore_newest(manager: ocp.CheckpointManager, template, *, what: str):
+    with _quiet_orbax():
+        return _restore_newest_loudly(manager, template, what=what)
+
+
+def _restore_newest_loudly(manager: ocp.CheckpointManager, template, *, what: str):
     manager.reload()  # another process (the killed run) may have written steps
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -115,4 +143,5 @@ def _restore_newest(manager: ocp.CheckpointManager, template, *, what: str):
         return step, restored
     raise CheckpointError(
         f"no readable checkpoint in {manager.directory}:\n  " + "\n  ".join(failures)
-        + "\nDelete the directory to start over.")
+        + f"\nTo start over, run without --resume into a new --out, or move {manager.directory} away (only "
+          f"that folder: the run's checkpoints/best and model/ hold its best weights).")

@@ -313,12 +313,43 @@ def check_setup(config: TrainConfig) -> str:
     config.validate()
     task_name = tasks.check_config(config)
     get_spec(config.model)
+    check_out_dir(config)
     devices = jax.device_count() if config.data_parallel else 1
     if config.micro_batch_size % devices:
         raise ValueError(
             f"data_parallel splits each micro-batch of {config.micro_batch_size} examples over {devices} "
             f"devices; make batch_size / accumulate a multiple of {devices}")
     return task_name
+
+
+RUN_FILES = {"config.json", "metrics.jsonl", "curves.png", "checkpoints", "model", ".metrics.jsonl.tmp"}
+
+
+def check_out_dir(config: TrainConfig) -> None:
+    """Refuse, before anything is written, an out_dir this run may not write into.
+
+    A new or empty directory is fine. With resume, it must hold a run with checkpoints (its
+    config.json is compared with this one's later). Without resume, a directory holding anything
+    is refused: a run's files would be overwritten, anything else is not ours to touch.
+    """
+    if config.out_dir is None:
+        return
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    steps = [p for p in (out_dir / "checkpoints" / "latest").glob("*") if p.name.isdigit()] if held else []
+    if config.resume:
+        if not steps:
+            raise ValueError(f"--resume: {out_dir} holds no checkpoint of a run to resume "
+                             + ("(it does not exist)" if not out_dir.exists() else "(no checkpoints/latest/<step>)")
+                             + "; drop --resume to start a new run there")
+        return
+    if held:
+        what = "a training run" if set(held) & RUN_FILES else "files that are not a training run"
+        hint = "pass --resume to continue it" if steps else "choose a new --out"
+        raise ValueError(f"--out {out_dir} already holds {what} ({', '.join(held[:5])}"
+                         f"{', ...' if len(held) > 5 else ''}); {hint}, or choose another --out. Nothing was written.")
 
 
 def _host_rank_zero() -> bool:
@@ -439,9 +470,8 @@ def train(config: TrainConfig) -> TrainResult:
         _check_or_write_config(out_dir, config)
         checkpoints = Checkpoints(out_dir / "checkpoints", keep=config.keep_checkpoints)
         restored = checkpoints.restore_latest(state) if config.resume else None
-        if restored is None and checkpoints.latest.all_steps() and not config.resume:
-            raise ValueError(f"{out_dir} already holds checkpoints of a run; pass resume=True (--resume) to "
-                             f"continue it, or choose another out_dir")
+        if restored is None and config.resume:  # check_out_dir saw steps: they vanished since
+            raise ValueError(f"--resume: {out_dir} holds no checkpoint to resume; drop --resume to start over")
         if restored is not None:
             step, state = restored
             _say(f"resuming from step {step} (epoch {step / steps_per_epoch:.2f}) in {out_dir}")
@@ -509,6 +539,12 @@ def train(config: TrainConfig) -> TrainResult:
                     _say(_format_record(record, task))
                 epoch_losses, epoch_metrics = [], []
                 epoch_started = time.perf_counter()
+    except KeyboardInterrupt:
+        last = checkpoints.latest.latest_step() if checkpoints else None
+        raise KeyboardInterrupt(
+            f"at step {step} of {stop_step}; "
+            + (f"the last checkpoint is step {last} in {out_dir}: the same command with --resume continues from it"
+               if last is not None else "no checkpoint was written (--out and --checkpoint-every keep one)")) from None
     finally:
         if progress is not None:
             progress.close()
@@ -601,7 +637,9 @@ def _check_or_write_config(out_dir: Path, config: TrainConfig) -> None:
                 f"cannot resume {out_dir}: these settings differ from the checkpointed run: "
                 + ", ".join(f"{k} ({saved.get(k)!r} -> {mine.get(k)!r})" for k in changed))
     if _host_rank_zero():
-        path.write_text(config.to_json())
+        from zoo.saving import write_files_atomically
+
+        write_files_atomically(out_dir, {path.name: config.to_json().encode()})
 
 
 def _read_history(out_dir: Path, before_step: int) -> list[dict[str, Any]]:

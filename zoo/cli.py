@@ -67,6 +67,8 @@ def cmd_list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zoo", description="Landmark CNNs in Flax NNX, and classifiers turned into FCNs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also FCNZOO_DEBUG=1), for bug reports")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("list", help="list the registered models and their metadata")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -84,16 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `zoo` command: 0 done, 2 bad input (one line: what was wrong, what to do), 1 a failed run,
+    130 interrupted. `--debug` (or FCNZOO_DEBUG=1) shows the full traceback instead, for bug reports."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.debug or os.environ.get("FCNZOO_DEBUG"):
+        return args.func(args) or 0
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt as e:
+        print(f"zoo {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
-        # Bad input is reported in one line; a bug still shows its traceback.
+        # Bad input is reported in one line; anything else is a bug and keeps its traceback.
         print(f"zoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable, occupied or full output paths, unreadable inputs
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"zoo {args.command}: error: {e.strerror or e}{where}; check the path and its permissions or free space",
+              file=sys.stderr)
         return 2
 
 

@@ -122,6 +122,26 @@ def build_initialized(make):
     return nnx.merge(graphdef, state)
 
 
+# Arguments create_model passes to every builder itself: not family options.
+_BUILDER_ARGUMENTS = {"num_classes", "input_shape", "include_top", "dtype", "rngs", "name"}
+
+
+def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
+    """A ValueError naming any option the family's builder does not take (with the closest names)."""
+    import inspect
+
+    parameters = inspect.signature(spec.builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = sorted(set(parameters) - _BUILDER_ARGUMENTS)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        hints = [f"{name!r} (did you mean {', '.join(map(repr, close))}?)" if (close := difflib.get_close_matches(
+            name, known, n=2)) else repr(name) for name in unknown]
+        raise ValueError(f"{spec.name} has no option {', '.join(hints)}; its {spec.family} options are: "
+                         f"{', '.join(known) or 'none'}")
+
+
 def create_model(
     name: str,
     *,
@@ -179,6 +199,7 @@ def create_model(
     if pretrained is not None:
         model = load_pretrained(name, pretrained, dtype=dtype, **options)
         return extractor(model) if features_only else model
+    check_options(spec, options)
     merged = {**spec.options, **options}
 
     def build(rngs):

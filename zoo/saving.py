@@ -103,6 +103,28 @@ def load_flat_into(
     return model
 
 
+def check_output_dir(directory: str | os.PathLike, *, owns: Iterable[str], what: str, force: bool = False) -> Path:
+    """Refuse, before anything is written, a directory a command may not write its result into.
+
+    A new or empty directory is fine. One that holds only files of `owns` (an earlier result of the
+    same kind) is replaced only with `force`. One that holds anything else (a saved classifier, a
+    run, the user's files) is never written into: nothing there is ours to replace.
+    Returns the directory as a Path.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--out {directory} is a file, not a directory; choose another --out")
+    held = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    others = [name for name in held if name not in set(owns) and not name.startswith(".")]
+    if others:
+        raise ValueError(f"--out {directory} holds files this command did not write ({', '.join(others[:5])}"
+                         f"{', ...' if len(others) > 5 else ''}); choose a new or empty directory. Nothing was written.")
+    if held and not force:
+        raise ValueError(f"--out {directory} already holds a {what}; pass --force to replace it, or choose another "
+                         f"--out. Nothing was written.")
+    return directory
+
+
 def write_files_atomically(directory: Path, files: dict[str, bytes]) -> None:
     """Write files into `directory` so a crash never leaves a half-written model behind."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -127,29 +149,60 @@ def save_model(model: nnx.Module, directory: str | os.PathLike, *, model_name: s
     from safetensors.numpy import save
 
     directory = Path(directory)
-    config = {"format": FORMAT, "model": model_name, "kwargs": dict(kwargs or {}),
-              "metadata": dict(metadata or {})}
     weights = save({k: np.ascontiguousarray(v) for k, v in flat_state(model).items()})
+    config = {"format": FORMAT, "model": model_name, "kwargs": dict(kwargs or {}),
+              "metadata": dict(metadata or {}), **weights_digest(weights)}
     # Weights first, config last: a directory with a config always has its weights.
     write_files_atomically(directory, {WEIGHTS_FILE: weights})
     write_files_atomically(directory, {CONFIG_FILE: json.dumps(config, indent=2).encode()})
     return directory
 
 
-def read_json_record(path: Path, expected_format: str, what: str) -> dict[str, Any]:
-    """The JSON object at `path`, checked to carry `"format": expected_format`.
+# The keys each record must hold, with their JSON types (a damaged or hand-edited file is refused by name).
+REQUIRED_KEYS = {
+    "fcnzoo-model": {"model": str, "kwargs": dict},
+    "fcnzoo-pretrained": {"model": str, "tag": str, "weights_file": str, "sha256": str},
+    "fcnzoo-fcn": {"source": dict, "input_shape": list, "feature_shape": list, "pool": str, "head": list},
+    SEGMENTATION_FORMAT: {"variant": str, "num_classes": int, "backbone": dict, "normalization": dict},
+}
 
-    `what` names the record in errors ("saved model", ...): damaged JSON or another format gives a
-    ValueError that says which file and what it should have been.
+
+def read_json_record(path: Path, expected_format: str, what: str) -> dict[str, Any]:
+    """The JSON object at `path`, checked to carry `"format": expected_format` and its REQUIRED_KEYS.
+
+    `what` names the record in errors ("saved model", ...): damaged JSON, another format, a missing
+    key or a key of the wrong type gives a ValueError that says which file and what it should hold.
     """
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the {what} is damaged") from None
     if not isinstance(record, dict) or record.get("format") != expected_format:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{path} is not an fcnzoo {what} (format={found!r}, expected {expected_format!r})")
+    for key, kind in REQUIRED_KEYS.get(expected_format, {}).items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            problem = "lacks" if key not in record else f"has a {type(record[key]).__name__} for"
+            raise ValueError(f"{path} {problem} {key!r} (a JSON {kind.__name__} is expected); the {what} is damaged "
+                             f"or hand-edited: save it again")
     return record
+
+
+def weights_digest(data: bytes) -> dict[str, str]:
+    """{"weights_sha256": ...} for a saved directory's config: loading checks the weights file against it."""
+    return {"weights_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_weights_file(directory: Path, config: Mapping[str, Any]) -> Path:
+    """The weights file of a saved directory, after checking its sha256 against the config's (when recorded)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found: the saved directory is incomplete")
+    expected = config.get("weights_sha256")
+    if expected is not None and sha256_file(path) != expected:
+        raise ValueError(f"{path} does not match the sha256 its config records: the file is damaged or was "
+                         f"replaced; save the model again")
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -180,6 +233,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         weights = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated headers/data
         raise ValueError(f"cannot read weights from {path}: {e}. The file is truncated or not safetensors.") from None
+    bad = sorted(k for k, v in weights.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {len(bad)} tensor(s): {', '.join(bad[:10])}"
+                         f"{' ...' if len(bad) > 10 else ''}; these weights are broken (a diverged run?)")
     return {k.removesuffix(_LEGACY_SUFFIX): v for k, v in weights.items()}
 
 
@@ -193,7 +250,8 @@ def load_model(directory: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module
     if "input_size" in kwargs and isinstance(kwargs["input_size"], list):
         kwargs["input_size"] = tuple(kwargs["input_size"])
     model = zoo.create_model(config["model"], dtype=dtype, **kwargs)
-    load_flat_into(model, read_weights(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    weights_path = check_weights_file(directory, config)
+    load_flat_into(model, read_weights(weights_path), source=str(weights_path))
     model.eval()
     return model
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 
 def cmd_import(args) -> int:
+    from zoo import saving
     from zoo.importers import import_keras, import_torch
 
+    saving.check_output_dir(args.out, owns={saving.CONFIG_FILE, saving.WEIGHTS_FILE}, what="saved model",
+                            force=args.force)
     options = {"num_classes": args.num_classes}
     if args.no_top:
         options["include_top"] = False
@@ -33,7 +36,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("arch", help="zoo model name (resnet50, vgg16, xception, efficientnet_b0, ...); "
                                 "Keras names (ResNet50) work for keras")
     p.add_argument("file", help="keras: .weights.h5, .keras or legacy .h5; torch: .safetensors or .pth")
-    p.add_argument("--out", required=True, help="directory to save the zoo model in")
+    p.add_argument("--out", required=True, help="directory to save the zoo model in (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace the saved model already in --out")
     p.add_argument("--num-classes", type=int, default=None,
                    help="build a new classifier with this many classes (every other weight imported)")
     p.add_argument("--no-top", action="store_true", help="import the feature extractor only")
