@@ -286,9 +286,11 @@ def read_image(path: str | os.PathLike, channels: int, *, invert: bool | None = 
                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
     """(H, W, channels) float32 in [0, 1] from any image file Pillow opens, and what was done to it.
 
-    The one image reader of `zoo predict-dense` and `zoo segment`. 16-bit and float images are
-    scaled by their own range; palette images become RGB or gray; transparent pixels are composited
-    over the colour opposite to the ink (so they become background). `invert`: True flips
+    The one image reader of `zoo predict-dense` and `zoo segment`, for every mode Pillow opens: 8-bit
+    images / 255, 16-bit / 65535, float images as they are when in [0, 1] (else, like integers of
+    no known range, by their own range); palette, CMYK, YCbCr ... become RGB or gray; transparent
+    pixels are composited over the colour opposite to the ink (so they become background); a
+    multi-frame file (TIFF, GIF) gives its first frame (noted). `invert`: True flips
     intensities, None flips when the median is light (dark ink on paper, for light-on-dark nets).
     The size is checked before decoding, so no file can take the machine's memory.
 
@@ -310,12 +312,22 @@ def read_image(path: str | os.PathLike, channels: int, *, invert: bool | None = 
                                  f"{max_pixels / 1e6:.0f} megapixels. Downscale it or cut it into parts.")
             img.load()
             notes["mode"] = img.mode
+            if getattr(img, "n_frames", 1) > 1:
+                notes["frames"] = f"first of {img.n_frames}"
             has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raw = np.asarray(img, np.float32)
-                span = float(raw.max() - raw.min())
-                array = ((raw - raw.min()) / span if span > 0 else np.zeros_like(raw))[..., None]
-                notes["scaled"] = "by the image's own range"
+                if img.mode.startswith("I;16") or (img.mode == "I" and 255 < raw.max() <= 65535 and raw.min() >= 0):
+                    array, notes["scaled"] = raw / 65535.0, "16-bit: / 65535"
+                elif img.mode == "I" and 0 <= raw.min() and raw.max() <= 255:
+                    array, notes["scaled"] = raw / 255.0, "8-bit values: / 255"
+                elif img.mode == "F" and 0.0 <= raw.min() and raw.max() <= 1.0:
+                    array = raw
+                else:  # values of unknown range: the image's own range becomes [0, 1]
+                    span = float(raw.max() - raw.min())
+                    array = (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
+                    notes["scaled"] = "by the image's own range"
+                array = array[..., None]
             elif has_alpha:
                 rgba = np.asarray(img.convert("RGBA"), np.float32) / 255.0
                 alpha = rgba[..., 3:]
@@ -388,6 +400,8 @@ def save_heatmap(image: np.ndarray, result: DenseScores, path: str | os.PathLike
                  f"{g.receptive_field[1]} px, stride {g.stride[0]}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    tmp = path.with_name(f".{path.stem}.tmp.png")  # a picture is whole or absent, never half-written
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
+    os.replace(tmp, path)
     return path

@@ -262,13 +262,12 @@ def draw(result: Segmentation, path, *, class_names, colors: np.ndarray, backgro
         legend = (("classifier panel: each cell's best class, brighter = more probable; " if cells is not None else "")
                   + f"{result.name}: each pixel's class" + (", background left gray" if background is not None else ""))
         fig.text(pad / fig_w, 1 - 0.42 / fig_h, legend, fontsize=8, va="top", ha="left", color="0.3", wrap=True)
-    from zoo.saving import write_files_atomically
+    import os
 
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")  # a picture is whole or absent, never half-written
     fig.savefig(tmp, dpi=100, facecolor="white")
     plt.close(fig)
-    write_files_atomically(path.parent, {path.name: tmp.read_bytes()})
-    tmp.unlink()
+    os.replace(tmp, path)
     return path

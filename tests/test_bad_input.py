@@ -79,6 +79,7 @@ ROWS = {
     "convert replaced weights": (["convert", "{replaced}", "--out", "{root}/fcn4"], ["sha256"]),
     "convert NaN weights": (["convert", "{nan}", "--out", "{root}/fcn5"], ["NaN or infinite", "features.conv1.kernel"]),
     "convert onto its own source": (["convert", "{classifier}", "--out", "{classifier}"], ["did not write"]),
+    "segment-train into a finished run": (["segment-train", "--backbone", "mnistnet", "--out", "{run}"], ["holds checkpoints", "new or empty"]),
     "a family that does not exist": (["list", "--family", "nope"], ["no model of family 'nope'", "resnet"]),
     "segment with an unknown net": (["segment", "--scene", "64x64", "--model", "nonesuch"], ["shipped"]),
 }

@@ -136,3 +136,47 @@ def test_persistent_compilation_cache_writes_executables(tmp_path):
             "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()" % str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert any((tmp_path / "cache").iterdir())
+
+
+GRAY = np.linspace(0, 1, 48 * 40).reshape(40, 48).astype(np.float32)
+
+
+def _image_in_mode(mode: str):
+    from PIL import Image
+
+    g8 = np.round(GRAY * 255).astype(np.uint8)
+    if mode == "I;16":
+        return Image.fromarray(np.round(GRAY * 65535).astype(np.uint16))  # mode I;16
+    if mode == "F":
+        return Image.fromarray(GRAY, "F")
+    if mode == "I":
+        return Image.fromarray(np.round(GRAY * 65535).astype(np.int32), "I")
+    gray = Image.fromarray(g8, "L")
+    if mode in ("RGBA", "LA"):
+        return gray.convert(mode)  # opaque
+    return gray.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_every_image_mode_reaches_the_network_with_the_same_values(mode, tmp_path):
+    """The one reader gives the same [0, 1] gray for the same picture stored in any mode Pillow writes."""
+    from convert.predict import read_image
+
+    path = tmp_path / f"x.{'tiff' if mode in ('I;16', 'I', 'F', 'CMYK') else 'png'}"
+    _image_in_mode(mode).save(path)
+    array, notes = read_image(path, 1)
+    assert array.shape == (40, 48, 1) and array.dtype == np.float32, notes
+    np.testing.assert_allclose(array[..., 0], GRAY, atol=1.01 / 255)
+    rgb, _ = read_image(path, 3)
+    assert rgb.shape == (40, 48, 3)
+
+
+def test_a_multi_frame_file_gives_its_first_frame(tmp_path):
+    from PIL import Image
+
+    from convert.predict import read_image
+
+    frames = [Image.fromarray(np.full((20, 30), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "two.tiff", save_all=True, append_images=frames[1:])
+    array, notes = read_image(tmp_path / "two.tiff", 1)
+    assert notes["frames"] == "first of 2" and np.allclose(array, 10 / 255)

@@ -86,7 +86,9 @@ def stage_configs(config: StagedConfig):
             test_examples=config.test_examples, epochs=epochs, max_steps=config.steps, batch_size=config.batch_size,
             crop_size=config.crop, optimizer="adamw", learning_rate=config.learning_rate, schedule="cosine",
             warmup_epochs=0.05, weight_decay=config.weight_decay, seed=config.seed,
-            out_dir=str(Path(config.out) / variant), resume=config.resume, progress=config.progress))
+            # --resume continues the stages that started; the later ones start afresh.
+            out_dir=str(Path(config.out) / variant), resume=config.resume and (Path(config.out) / variant).is_dir(),
+            progress=config.progress))
         previous = variant
     return configs
 
@@ -187,6 +189,12 @@ def train_staged(config: StagedConfig, *, ship_tag: str | None = None) -> dict:
     info = segmentation_data.segmentation_info(config.dataset, config.data_dir)
     configs = stage_configs(config)
     out = Path(config.out)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in held if name not in {*VARIANTS, "results.json"}]
+    if out.exists() and not out.is_dir() or foreign or (held and not config.resume):
+        raise ValueError(f"--out {out} " + ("is a file" if out.exists() and not out.is_dir() else
+                         f"holds {', '.join((foreign or held)[:5])}") + ": give a new or empty directory"
+                         + ("" if foreign else ", or --resume to continue its stages") + ". Nothing was written.")
     machine = (f"{platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.devices()[0].platform} "
                f"({jax.device_count()} device(s))")
     results = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -213,8 +221,9 @@ def train_staged(config: StagedConfig, *, ship_tag: str | None = None) -> dict:
             # Where the classifier beside the net in `zoo segment` comes from (shipped weights only).
             origin = {"model": config.backbone, "pretrained": config.pretrained} if config.pretrained else {}
             pretrained.export(result.model_dir, ship_tag, extra={"check": check, "classifier": origin})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from zoo.saving import write_files_atomically
+
+    write_files_atomically(out, {"results.json": (json.dumps(results, indent=2) + "\n").encode()})
     return results
 
 
