@@ -25,9 +25,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_predict_dense(args) -> int:
+    from convert import stream
     from convert.checkpoint import load_any
     from convert.predict import DensePredictor, enable_compilation_cache, load_image, save_heatmap
 
+    folder = stream.is_stream_run(args.image, args.out)
+    process = stream.start_processes(args) if folder else (0, 1)  # before anything touches a device
     if args.cache_dir:
         enable_compilation_cache(args.cache_dir)
     source = Path(args.model)
@@ -35,8 +38,12 @@ def cmd_predict_dense(args) -> int:
         print(f"warning: {args.model} is a registry name: random weights, the scores mean nothing; "
               f"pass a saved model directory for real predictions", file=sys.stderr)
     fcn = load_any(args.model)
+    predictor = DensePredictor(fcn, score_map=args.score_map, tile=args.tile, halo=args.halo, batch=args.batch)
+    if folder:
+        if args.cls is not None:
+            raise ValueError("--class draws one image's heatmap; a folder run's pictures show each cell's best class")
+        return stream.run_command(args, predictor, kind="dense", model=str(args.model), process=process)
     image = load_image(args.image, fcn.input_shape[-1])
-    predictor = DensePredictor(fcn, score_map=args.score_map)
     start = time.perf_counter()
     result = predictor.predict(image)
     seconds = time.perf_counter() - start
@@ -98,15 +105,23 @@ def _classifier_beside(net, metadata: dict, depth: int = 0):
 def cmd_segment(args) -> int:
     import numpy as np
 
-    from convert import segment_view
-    from convert.predict import enable_compilation_cache, read_image
+    from convert import segment_view, stream
+    from convert.predict import DensePredictor, enable_compilation_cache, read_image
     from convert.segment import load_any_segmentation
 
+    folder = stream.is_stream_run(args.image, args.out)
+    process = stream.start_processes(args) if folder else (0, 1)  # before anything touches a device
     if args.cache_dir:
         enable_compilation_cache(args.cache_dir)
     if (args.image is None) == (args.scene is None):
         raise ValueError("give an IMAGE file (PNG, JPEG, ...) or --scene WxH for a generated digit scene, "
                          "e.g. --scene 777x333 (one of them)")
+    if folder:
+        net, metadata = load_any_segmentation(args.model)
+        predictor = DensePredictor(net, tile=args.tile, halo=args.halo, batch=args.batch)
+        invert = args.invert if args.invert is not None else (None if net.in_channels == 1 else False)
+        return stream.run_command(args, predictor, kind="segment", model=str(args.model), invert=invert,
+                                  class_names=metadata.get("class_names"), process=process)
     scene = None
     if args.scene is not None:
         from train import digit_scenes
@@ -213,6 +228,8 @@ def cmd_export(args) -> int:
 
 
 def add_commands(subparsers) -> None:
+    from convert.stream import add_stream_arguments as stream_arguments
+
     p = subparsers.add_parser(
         "convert", help="turn a saved classifier or a Keras model file into a saved fully convolutional network",
         description="Convert a classifier into a fully convolutional network with the same weights. A Keras file is "
@@ -225,15 +242,16 @@ def add_commands(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace the saved FCN already in --out")
     p.set_defaults(func=cmd_convert)
 
-    p = subparsers.add_parser("predict-dense", help="class score map of an image of any size")
+    p = subparsers.add_parser("predict-dense", help="class score map of an image of any size, or of a folder")
     p.add_argument("model", help="saved FCN or classifier directory, or a registry name (random weights)")
-    p.add_argument("image", help="image file (PNG, JPEG, ...)")
-    p.add_argument("--out", help="write a heatmap overlay PNG here")
+    p.add_argument("image", help="image file (PNG, JPEG, ...), .npy array, directory or glob")
+    p.add_argument("--out", help="one image: write a heatmap overlay PNG here; a folder: the results directory")
     p.add_argument("--class", dest="cls", type=int, help="class to draw (default: the best class anywhere)")
     p.add_argument("--score-map", action="store_true",
                    help="average-pool heads: per-position scores instead of per-training-window scores")
     p.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
+    stream_arguments(p, default_save="scores,labels")
     p.set_defaults(func=cmd_predict_dense)
 
     p = subparsers.add_parser(
@@ -243,13 +261,15 @@ def add_commands(subparsers) -> None:
                     "converted classifier's dense score map and the class legend, and list the regions found. "
                     "Grayscale nets expect light shapes on dark like MNIST's (dark-on-light images are "
                     "inverted automatically).")
-    p.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...; grayscale, RGB, with alpha, 16-bit)")
+    p.add_argument("image", nargs="?", help="image file (PNG, JPEG, ...; grayscale, RGB, with alpha, 16-bit), "
+                                            ".npy array, directory or glob")
     p.add_argument("--model", default="mnistnet_fcn8s-digit_scenes",
                    help="a trained net's directory (zoo segment-train's output) or a shipped net, e.g. "
                         "mnistnet_fcn16s (default: %(default)s; `zoo list` shows them)")
     p.add_argument("--scene", metavar="WxH", help="segment a generated digit scene of this size instead, e.g. 777x333")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated scene (default 0)")
-    p.add_argument("--out", help="picture to write (default: <image>-segment.png or segment-scene-*.png)")
+    p.add_argument("--out", help="picture to write (default: <image>-segment.png or segment-scene-*.png); "
+                                 "a folder: the results directory")
     polarity = p.add_mutually_exclusive_group()
     polarity.add_argument("--invert", dest="invert", action="store_true", default=None,
                           help="always invert the image (dark shapes on light paper)")
@@ -257,6 +277,7 @@ def add_commands(subparsers) -> None:
                           help="never invert (default for grayscale nets: invert when the median is light)")
     p.add_argument("--cache-dir", help="JAX persistent compilation cache directory (later runs skip compiling)")
     p.add_argument("--json", action="store_true", help="print a machine-readable report instead")
+    stream_arguments(p, default_save="labels")
     p.set_defaults(func=cmd_segment)
 
     p = subparsers.add_parser(

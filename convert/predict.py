@@ -123,6 +123,23 @@ def bucket_ladder(minimum: int, stride: int, maximum: int, ratio: float) -> list
 PIXEL_GEOMETRY = Geometry(stride=(1, 1), receptive_field=(1, 1), offset=(0, 0), valid=False)
 
 
+def default_halo(network) -> int:
+    """Pixels of context kept around each tile's core (see `convert.tiles`), from the network's geometry.
+
+    Converted classifiers: (R - S) / 2, rounded up, so that every kept cell's whole receptive field is
+    inside its tile (exact to float rounding). Segmentation nets: half their receptive field rounded
+    up to the stride, the smallest halo at which the tiled scores of the shipped nets reach float
+    rounding (docs/BENCHMARKS.md, "Huge images and image streams").
+    """
+    from convert.segment import SegmentationFCN
+
+    if isinstance(network, SegmentationFCN):
+        stride = network.total_stride
+        return math.ceil(network.receptive_field / 2 / stride) * stride
+    g = network.geometry
+    return max(math.ceil((r - s) / 2) for r, s in zip(g.receptive_field, g.stride))
+
+
 class DensePredictor:
     """Runs an FCN or a segmentation net on images of any size with a bounded number of compilations.
 
@@ -130,10 +147,15 @@ class DensePredictor:
     - a converted classifier (`convert.to_fcn`): one score vector per window of its receptive
       field (`DenseScores.window`), inputs as the classifier takes them;
     - a segmentation net (`convert.grow_segmentation`): one score vector per pixel, inputs in
-      [0, 1]. Images are padded with black (0) to a bucket of sizes S*k (S the total stride) and
-      the scores cropped back; images with a side above `tile` run as tiles of `tile` pixels with
-      a margin of context on every side from the net's receptive field, of which only the cores
-      are kept (equal to the whole image wherever the field fits in the margin).
+      [0, 1], padded with black (0) to a bucket of sizes S*k (S the total stride) and cropped back.
+
+    An image whose bucket exceeds the tile's along a side runs in tiles of the tile's bucket
+    (`plan`, `convert.tiles`): overlapping windows at multiples of the stride, each keeping the cells
+    whose stride cell plus `halo` pixels lies inside it; at the default halo the stitched scores equal
+    the whole-image run's to float rounding (exactly for VALID networks). Every tile of an image has
+    one shape, so an image costs one compilation (two when its last batch of tiles is smaller).
+    Batches are split over `devices` with `jax.sharding` (data parallelism; a batch smaller than the
+    device count runs on the first device).
 
     Args:
         network: a `convert.FCN` or a `convert.segment.SegmentationFCN`.
@@ -145,11 +167,14 @@ class DensePredictor:
         score_map: for average-pool heads, return the raw per-position scores instead of
             one score per training-size window.
         dtype: computation dtype; bfloat16 halves memory traffic on accelerators.
-        tile: segmentation nets: the largest side run whole; larger images are tiled.
+        tile: sides whose bucket is at most this side's bucket run whole; longer ones are tiled.
+        halo: pixels of context around each tile's core; default `default_halo(network)`.
+        batch: images or tiles per device per call (at most).
+        devices: where to run; default every local device (`jax.local_devices()`).
     """
 
     def __init__(self, network, *, bucketing: bool | None = None, ratio: float = 1.25, score_map: bool = False,
-                 dtype=jnp.float32, tile: int = 1024):
+                 dtype=jnp.float32, tile: int = 1024, halo: int | None = None, batch: int = 1, devices=None):
         from convert.segment import SegmentationFCN
 
         self.fcn = network
@@ -163,23 +188,31 @@ class DensePredictor:
             stride = network.total_stride
             self.bucket_step = stride * max(1, math.ceil(16 / stride))
             self.bucket_minimum = self.bucket_step * 2
-            self.tile = int(tile)
-            half_field = math.ceil(network.receptive_field / 2)
-            self.tile_margin = min(math.ceil((half_field + stride) / stride) * stride, self.tile // 2)
+            self.align = (stride, stride)
         else:
             self.use_score_map = score_map and network.pool == "avg"
             self.geometry = network.score_map_geometry if self.use_score_map else network.geometry
             self.bucketing = self.geometry.valid if bucketing is None else bucketing
             self.channels = network.input_shape[-1]
             self.min_size = tuple(network.min_size)
-            self.tile = None
+            self.align = tuple(self.geometry.stride)
+        self.tile = int(tile)
+        self.halo = default_halo(network) if halo is None else int(halo)
+        if self.tile < 1 or self.halo < 0 or batch < 1:
+            raise ValueError(f"tile and batch must be positive and halo non-negative; got tile={tile}, halo={halo}, "
+                             f"batch={batch}")
+        self.batch = int(batch)
+        self.devices = list(devices) if devices is not None else jax.local_devices()
         self.ratio = ratio
         self.dtype = jnp.dtype(dtype)
         self._graphdef, self._state = nnx.split(network)
         if self.dtype != jnp.float32:
             self._state = jax.tree.map(lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating)
                                        else a, self._state)
-        self._executables: dict[tuple[int, int], object] = {}
+        self._state = jax.device_put(self._state, self.devices[0])
+        self._mesh_state = None
+        self._executables: dict[tuple[int, int, int], object] = {}
+        self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
         self.compilations = 0
         self.compile_seconds = 0.0
 
@@ -205,28 +238,88 @@ class DensePredictor:
         g = self.geometry
         return tuple(r + (n - r) // s * s for n, r, s in zip((height, width), g.receptive_field, g.stride))
 
+    def _output_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """(h', w', K) of the network's output for one (height, width) input (shapes only, cached)."""
+        if (height, width) not in self._shapes:
+            spec = jax.ShapeDtypeStruct((1, height, width, self.channels), jnp.float32)
+            self._shapes[(height, width)] = tuple(jax.eval_shape(self._apply, self._state, spec).shape[1:])
+        return self._shapes[(height, width)]
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(h', w') of the unpadded image's output grid (VALID: floor((H - R) / S) + 1)."""
         g = self.geometry
+        if self.per_pixel:
+            return height, width
         if g.valid:
             return tuple((n - r) // s + 1 for n, r, s in zip((height, width), g.receptive_field, g.stride))
-        shape = jax.eval_shape(self._apply, self._state, jax.ShapeDtypeStruct((1, height, width, self.channels),
-                                                                              jnp.float32)).shape
-        return shape[1], shape[2]
+        return self._output_shape(height, width)[:2]
+
+    @property
+    def num_outputs(self) -> int:
+        """K, the scores per cell."""
+        if self.per_pixel:
+            return self.fcn.num_classes
+        side = max(*self.min_size, *self.geometry.receptive_field)
+        return self._output_shape(side, side)[-1]
+
+    def _tile_window(self, canvas: int, axis: int) -> int:
+        """The window along `axis` for a canvas longer than the tile: the tile's bucket, on the canvas's grid."""
+        if self.bucketing:
+            return self.bucket_for(self.tile, self.tile)[axis]
+        step = self.align[axis]
+        window = self.tile - (self.tile - canvas) % step  # canvas - window: a multiple of the stride
+        return window if window >= self.min_size[axis] else window + step
+
+    def plan(self, height: int, width: int):
+        """The `convert.tiles.TilePlan` of an image of (height, width): one window when it fits the tile."""
+        from convert.tiles import TilePlan, clean_cells, plan_axis
+
+        canvas = self.bucket_for(*self.used_size(height, width))
+        window = tuple(min(c, self._tile_window(c, axis)) for axis, c in enumerate(canvas))
+        cells = (height, width) if self.per_pixel else self.output_size(*self.used_size(height, width))
+        window_cells = self.output_size(*window)
+        g = self.geometry
+        axes = []
+        for axis in range(2):
+            clean = clean_cells(window[axis], window_cells[axis], stride=g.stride[axis], field=g.receptive_field[axis],
+                                offset=g.offset[axis], halo=self.halo, valid=g.valid)
+            axes.append(plan_axis(canvas[axis], window[axis], cells[axis], window_cells[axis], clean,
+                                  cell_step=g.stride[axis], align=self.align[axis]))
+        return TilePlan(*axes)
 
     def _apply(self, state, x):
         fcn = nnx.merge(self._graphdef, state)
         return (fcn.score_map(x) if self.use_score_map else fcn(x)).astype(jnp.float32)
 
+    def _sharded(self, batch: int) -> bool:
+        return len(self.devices) > 1 and batch % len(self.devices) == 0
+
+    def _shardings(self):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.asarray(self.devices), ("data",))
+        return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
     def executable(self, bucket: tuple[int, int], batch: int = 1):
-        """The compiled function for inputs (batch, *bucket, C): compiled ahead of time on first use."""
+        """The compiled function for inputs (batch, *bucket, C): compiled ahead of time on first use.
+
+        A batch that is a multiple of the device count is split over the devices (data parallel).
+        """
         key = (batch, *bucket)
         if key not in self._executables:
             import time
 
             start = time.perf_counter()
             spec = jax.ShapeDtypeStruct((batch, *bucket, self.channels), self.dtype)
-            self._executables[key] = jax.jit(self._apply).lower(self._state, spec).compile()
+            if self._sharded(batch):
+                replicated, split = self._shardings()
+                state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), self._state)
+                spec = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=split)
+                compiled = jax.jit(self._apply, in_shardings=(replicated, split), out_shardings=split).lower(
+                    state, spec).compile()
+            else:
+                compiled = jax.jit(self._apply).lower(self._state, spec).compile()
+            self._executables[key] = compiled
             self.compile_seconds += time.perf_counter() - start
             self.compilations += 1
         return self._executables[key]
@@ -236,47 +329,100 @@ class DensePredictor:
         """The (batch, H_b, W_b) shapes compiled so far."""
         return list(self._executables)
 
+    def batch_for(self, count: int) -> int:
+        """The batch `count` images or tiles run at: a power of two per device, at most `batch` per device.
+
+        Fewer than one per device run on the first device alone, in a power-of-two batch.
+        """
+        devices = len(self.devices)
+        count = max(1, min(count, devices * self.batch))
+        if count < devices:
+            return min(1 << (count - 1).bit_length(), devices)
+        per_device = -(-count // devices)
+        return devices * min(1 << (per_device - 1).bit_length(), self.batch)
+
     # -- prediction -----------------------------------------------------------------------------
     def _run(self, padded: np.ndarray) -> np.ndarray:
         run = self.executable(padded.shape[1:3], padded.shape[0])
-        return np.asarray(run(self._state, jnp.asarray(padded, self.dtype)))
+        if self._sharded(padded.shape[0]):
+            replicated, split = self._shardings()
+            if self._mesh_state is None:
+                self._mesh_state = jax.device_put(self._state, replicated)
+            return np.asarray(run(self._mesh_state, jax.device_put(padded.astype(self.dtype), split)))
+        return np.asarray(run(self._state, jax.device_put(padded.astype(self.dtype), self.devices[0])))
+
+    def run_plan(self, plan, source, outputs, *, progress=None) -> None:
+        """Run every window of `plan` on `source` and write the kept cells to `outputs`.
+
+        Args:
+            plan: `self.plan(source.height, source.width)`.
+            source: a `convert.tiles.ImageSource`.
+            outputs: (kind, sink) pairs: kind "scores" (h', w', K) float32, "labels" (h', w') best class,
+                "confidence" (h', w') its softmax probability; a sink has `write(top, left, block)`.
+            progress: a tqdm bar to advance by one per window, or None.
+        """
+        windows = list(plan.windows())
+        size = self.batch_for(len(windows))
+        rows, cols = plan.window
+        for first in range(0, len(windows), size):
+            chunk = windows[first:first + size]
+            batch = np.zeros((self.batch_for(len(chunk)), rows, cols, self.channels), np.float32)
+            for i, (top, left, *_) in enumerate(chunk):
+                batch[i] = source.read(top, left, rows, cols)
+            scores = self._run(batch)
+            for i, (_, _, (r0, r1), (c0, c1), row_cell, col_cell) in enumerate(chunk):
+                write_outputs(outputs, r0, c0, scores[i, r0 - row_cell:r1 - row_cell, c0 - col_cell:c1 - col_cell])
+            if progress is not None:
+                progress.update(len(chunk))
 
     def predict(self, image) -> DenseScores:
         """Scores of every window (FCN) or pixel (segmentation net) of `image` (H, W, C); see `DenseScores`."""
+        from convert.tiles import ArraySink, ArraySource
+
         array = validate_image(image, self.channels, self.min_size)
         height, width = array.shape[:2]
-        if self.per_pixel and max(height, width) > self.tile:
-            return self._predict_tiled(array)
-        used_h, used_w = self.used_size(height, width)
-        bucket = self.bucket_for(used_h, used_w)
-        padded = np.zeros((1, *bucket, self.channels), np.float32)
-        padded[0, :used_h, :used_w] = array[:used_h, :used_w]
-        scores = self._run(padded)
-        if self.per_pixel:
-            oh, ow = height, width
-        else:
-            oh, ow = self.output_size(used_h, used_w) if bucket != (used_h, used_w) else scores.shape[1:3]
-        return DenseScores(scores[0, :oh, :ow], self.geometry, (height, width), bucket)
+        plan = self.plan(height, width)
+        sink = ArraySink((*plan.output_size, self.num_outputs), np.float32)
+        self.run_plan(plan, ArraySource(array, self.channels), [("scores", sink)])
+        return DenseScores(sink.array, self.geometry, (height, width), plan.window)
 
-    def _predict_tiled(self, image: np.ndarray) -> DenseScores:
-        """Per-pixel scores of a large image, tile by tile at one bucket (one compilation)."""
-        height, width = image.shape[:2]
-        core, margin = self.tile, self.tile_margin
-        side = self.bucket_for(core + 2 * margin, core + 2 * margin)
-        framed = np.zeros((height + 2 * margin + core, width + 2 * margin + core, self.channels), np.float32)
-        framed[margin:margin + height, margin:margin + width] = image
-        out = None
-        for top in range(0, height, core):
-            for left in range(0, width, core):
-                tile = np.zeros((1, *side, self.channels), np.float32)
-                tile[0, :core + 2 * margin, :core + 2 * margin] = \
-                    framed[top:top + core + 2 * margin, left:left + core + 2 * margin]
-                scores = self._run(tile)[0, margin:margin + core, margin:margin + core]
-                if out is None:
-                    out = np.zeros((height, width, scores.shape[-1]), np.float32)
-                h, w = min(core, height - top), min(core, width - left)
-                out[top:top + h, left:left + w] = scores[:h, :w]
-        return DenseScores(out, self.geometry, (height, width), side)
+    def predict_batch(self, images) -> list[DenseScores]:
+        """`predict` for images whose plans are one window of the same shape, run as one batch."""
+        from convert.tiles import ArraySource
+
+        arrays = [validate_image(image, self.channels, self.min_size) for image in images]
+        plans = [self.plan(*a.shape[:2]) for a in arrays]
+        if any(p.tiled or p.window != plans[0].window for p in plans):
+            raise ValueError("predict_batch takes images of one bucket that need no tiles; use predict for others")
+        results = []
+        for first in range(0, len(arrays), self.batch_for(len(arrays))):
+            chunk = arrays[first:first + self.batch_for(len(arrays))]
+            batch = np.zeros((self.batch_for(len(chunk)), *plans[0].window, self.channels), np.float32)
+            for i, array in enumerate(chunk):
+                batch[i] = ArraySource(array, self.channels).read(0, 0, *plans[0].window)
+            scores = self._run(batch)
+            for i, array in enumerate(chunk):
+                h, w = plans[first + i].output_size
+                results.append(DenseScores(scores[i, :h, :w], self.geometry, array.shape[:2], plans[0].window))
+        return results
+
+
+def write_outputs(outputs, top: int, left: int, scores: np.ndarray) -> None:
+    """Write one block of scores (h, w, K) at (top, left) to each (kind, sink) of `outputs` (see `run_plan`)."""
+    labels = confidence = None
+    for kind, sink in outputs:
+        if kind == "scores":
+            sink.write(top, left, scores)
+        elif kind == "labels":
+            labels = scores.argmax(-1) if labels is None else labels
+            sink.write(top, left, labels)
+        elif kind == "confidence":
+            if confidence is None:
+                shifted = np.exp(scores - scores.max(-1, keepdims=True))
+                confidence = 1.0 / shifted.sum(-1)
+            sink.write(top, left, confidence)
+        else:
+            raise ValueError(f"unknown output {kind!r}; use scores, labels or confidence")
 
 
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (memory); tiling handles the rest
@@ -309,7 +455,9 @@ def read_image(path: str | os.PathLike, channels: int, *, invert: bool | None = 
             width, height = img.size
             if width * height > max_pixels:
                 raise ValueError(f"{path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); the limit is "
-                                 f"{max_pixels / 1e6:.0f} megapixels. Downscale it or cut it into parts.")
+                                 f"{max_pixels / 1e6:.0f} megapixels for images decoded whole. Save it as .npy or "
+                                 f"uncompressed TIFF/PGM/BMP, read in tiles at any size (zoo segment IMAGE --out "
+                                 f"DIR/), or downscale it.")
             img.load()
             notes["mode"] = img.mode
             if getattr(img, "n_frames", 1) > 1:

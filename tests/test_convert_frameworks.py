@@ -142,7 +142,7 @@ class Net(nnx.Module):
     (lambda m, x: m.fc(x.max(axis=(1, 2))), r"reduce_max.*neither a row-major flatten nor a global average pool"),
     (lambda m, x: m.fc(x.reshape(x.shape[0], -1) - x.reshape(x.shape[0], -1).mean(axis=0)), "mixes the images"),
     (lambda m, x: x.mean(axis=(1, 2)), r"no Dense layer .*x\.mean\(axis=\(1, 2\)\)"),
-    (lambda m, x: m.conv(x), "is not a classifier"),
+    (lambda m, x: x, "is not a classifier"),
 ], ids=["positions", "max", "batch", "no_dense", "no_logits"])
 def test_unconvertible_forward_passes_name_the_operation_and_line(forward, message):
     width = 4 if "max" in message else 6 * 6 * 4
@@ -228,7 +228,7 @@ def keras():
 
 @pytest.fixture(scope="module")
 def trained_keras_mnist(keras, tmp_path_factory):
-    """A HOML-style MNIST CNN (VALID), trained a few steps on 512 real MNIST digits, saved as .keras."""
+    """A HOML-style MNIST CNN (VALID), trained 2 epochs on 512 real MNIST digits, saved as .keras."""
     from train.data import load_arrays
 
     digits, labels = load_arrays("mnist", "train[:512]")
@@ -247,7 +247,7 @@ def trained_keras_mnist(keras, tmp_path_factory):
         keras.layers.Dense(10, activation="softmax"),
     ])
     model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
-    history = model.fit(digits.astype(np.float32), labels, batch_size=128, epochs=1, verbose=0)
+    history = model.fit(digits.astype(np.float32), labels, batch_size=32, epochs=2, verbose=0)  # 32 steps
     path = tmp_path_factory.mktemp("keras") / "mnist_cnn.keras"
     model.save(path)
     return model, path, digits.astype(np.float32), history.history["loss"]
@@ -259,7 +259,7 @@ def softmax(x):
 
 def test_trained_keras_mnist_cnn_converts_exactly(keras, trained_keras_mnist, tmp_path):
     model, path, digits, losses = trained_keras_mnist
-    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0]  # trained: the weights are not their initialization
     fcn = convert.from_keras(path)
     g = fcn.geometry
     assert g.valid and g.stride == (4, 4) and g.offset == (0, 0)
@@ -311,7 +311,7 @@ def test_keras_functional_chain_of_every_supported_layer(keras, tmp_path, file_f
     x = layers.ReLU(max_value=6.0)(x)
     x = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="elu")(x)
     x = layers.SeparableConv2D(8, 3, padding="same", activation="gelu")(x)
-    x = layers.AveragePooling2D(padding="same")(x)
+    x = layers.AveragePooling2D(2, padding="same")(x)
     x = layers.Dense(5, activation="tanh")(x)  # per position on a map
     x = layers.LeakyReLU()(x)
     x = layers.GlobalAveragePooling2D()(x)

@@ -231,9 +231,9 @@ def test_tiles_give_the_untiled_answer():
     net.eval()
     image = (rng.random((150, 230, 1)) > 0.8).astype(np.float32)
     predictor = convert.DensePredictor(net, tile=96)
-    m = predictor.tile_margin
-    # Tiles see black beyond the image's edges (a margin of it): so does this whole-image run.
-    whole = np.asarray(net(jnp.asarray(np.pad(image, ((m, m), (m, m), (0, 0)))[None])))[0, m:-m, m:-m]
+    # The whole-image run: the net on the image padded with black to its bucket (160x240), cropped.
+    rows, cols = predictor.bucket_for(150, 230)
+    whole = np.asarray(net(jnp.asarray(np.pad(image, ((0, rows - 150), (0, cols - 230), (0, 0)))[None])))[0, :150, :230]
     tiled = predictor.predict(image)
     assert predictor.compilations == 1  # every tile runs at one bucket
     assert tiled.scores.shape == (150, 230, 11)

@@ -108,11 +108,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     out_hw = _out_size(lhs.shape[1:3], rhs.shape[:2], strides, pads)
     if any(_less(n, 1) for n in out_hw) or _less(lhs.shape[0] * out_hw[0] * out_hw[1] * rhs.size, MIN_WORK):
         # Small (or empty: zoo.output_shape probes too-small inputs) convolutions: XLA's op.
-        return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision)
+        return _xla_conv(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
+                         feature_group_count=feature_group_count, precision=precision)
     if depthwise:
         return _depthwise(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, precision)
+
+
+def _xla_conv(x, w, strides, pads, **kwargs):
+    """XLA's convolution (NHWC) with explicit padding, which lax takes as ints only: padding that is an
+    expression of a symbolic size is applied first as zeros, then the convolution is VALID."""
+    if any(export.is_symbolic_dim(p) for p in sum(pads, ())):
+        x, pads = jnp.pad(x, ((0, 0), *pads, (0, 0))), ((0, 0), (0, 0))
+    return lax.conv_general_dilated(x, w, strides, pads, **kwargs)
 
 
 def _out_size(in_hw, kernel_hw, strides, pads):
@@ -157,7 +165,7 @@ def _conv(x, w, strides, pads, precision):
 def _forward(x, w, strides, pads, precision):
     kh, kw, cin, cout = w.shape
     if not _uses_dot(w.shape):
-        return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DN, precision=precision)
+        return _xla_conv(x, w, strides, pads, dimension_numbers=_DN, precision=precision)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     out_hw = ((padded.shape[1] - kh) // strides[0] + 1, (padded.shape[2] - kw) // strides[1] + 1)
     patches = _im2col(padded, (kh, kw), out_hw, strides)
@@ -176,15 +184,18 @@ def _conv_bwd(strides, pads, precision, residuals, dy):
     _, input_grad = jax.vjp(lambda x: _forward(x, w, strides, pads, precision), x)
     (dx,) = input_grad(dy)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    dy_rows = dy.reshape(-1, cout)
-    by_rows = (((0,), (0,)), ((), ()))  # contract over the N*H*W rows of both
+    if any(export.is_symbolic_dim(d) for d in dy.shape):
+        # lax cannot always prove a symbolic N*H*W >= 0 for a reshape: contract over (N, H, W) as they are.
+        as_rows, by_rows = (lambda a: a), (((0, 1, 2), (0, 1, 2)), ((), ()))
+    else:
+        as_rows, by_rows = (lambda a: a.reshape(-1, a.shape[-1])), (((0,), (0,)), ((), ()))  # the N*H*W rows
+    dy_rows = as_rows(dy)
     taps = _taps(padded, (kh, kw), dy.shape[1:3], strides)
     if _uses_dot(w.shape):
-        patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
+        patches = as_rows(jnp.concatenate(taps, axis=-1))
         dw = lax.dot_general(patches, dy_rows, by_rows, precision=precision)
     else:
-        dw = jnp.stack([lax.dot_general(tap.reshape(-1, cin), dy_rows, by_rows, precision=precision)
-                        for tap in taps])
+        dw = jnp.stack([lax.dot_general(as_rows(tap), dy_rows, by_rows, precision=precision) for tap in taps])
     return dx.astype(x.dtype), dw.reshape(kh, kw, cin, cout).astype(w.dtype)
 
 
