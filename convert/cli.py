@@ -198,16 +198,17 @@ def _size_arg(text: str) -> tuple[int, int]:
 
 def cmd_export(args) -> int:
     from convert.checkpoint import load_fcn
-    from convert.export import ONNX_UNAVAILABLE, export_fcn
+    from convert.export import ONNX_UNAVAILABLE, check_export_path, export_fcn
 
     if args.format == "onnx":
         raise ValueError(ONNX_UNAVAILABLE)
+    check_export_path(args.out, force=args.force)
     fcn = load_fcn(args.fcn_dir)
     result = export_fcn(fcn, min_size=_size_arg(args.min_size) if args.min_size else None,
                         multiple_of=_size_arg(args.multiple_of) if args.multiple_of else 1,
                         max_size=_size_arg(args.max_size) if args.max_size else None,
                         platforms=args.platform, fold=not args.no_fold, verify=not args.no_verify)
-    out = result.save(args.out)
+    out = result.save(args.out, force=args.force)
     info = result.info
     if args.json:
         print(json.dumps({**info, "artifact": str(out), "bytes": out.stat().st_size}, indent=2))
@@ -298,5 +299,6 @@ def add_commands(subparsers) -> None:
                    help="where the artifact may run; repeat for several (default: this machine's)")
     p.add_argument("--no-fold", action="store_true", help="keep the BatchNorms as they are")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the live network")
+    p.add_argument("--force", action="store_true", help="replace the export already at --out")
     p.add_argument("--json", action="store_true", help="print the artifact's description as JSON")
     p.set_defaults(func=cmd_export)

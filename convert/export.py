@@ -35,7 +35,7 @@ from jax.errors import InconclusiveDimensionOperation
 
 from convert.fcn import FCN
 from convert.fold import FoldedBatchNorm, fold_batchnorm
-from zoo import cpu_conv
+from zoo import cpu_conv, saving
 
 EXPORT_FORMAT = "fcnzoo-stablehlo"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -43,10 +43,10 @@ VERIFY_TOLERANCE = 1e-4  # relative to max(1, largest |score|): float rounding, 
 
 # What `zoo export --format onnx` answers (see the README's dependency note).
 ONNX_UNAVAILABLE = (
-    "ONNX export is not offered: jax2onnx, the maintained JAX-to-ONNX converter, needs "
-    "orbax-checkpoint < 0.11.37 since version 0.13.1 (this project pins 0.12.8), so only the old "
-    "0.13.0 installs beside it, and that one fails on these networks; export StableHLO (the default "
-    "--format) and serve it with jax")
+    "ONNX export is not offered: jax2onnx, the maintained JAX-to-ONNX converter, fails on every zoo family "
+    "under jax 0.10 / flax 0.12 (0.17.1 and 0.13.0 tried: its flax pooling and conv rewrites break), and since "
+    "0.13.1 it pins orbax-checkpoint below this project's 0.12.8; export StableHLO (the default --format) and "
+    "serve it with jax")
 
 
 @dataclasses.dataclass
@@ -60,13 +60,32 @@ class ExportedFCN:
     exported: export.Exported
     info: dict
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the artifact to `path` and its description to `path` + ".json"; returns `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(bytes(self.exported.serialize()))
-        Path(f"{path}.json").write_text(json.dumps(self.info, indent=2))
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the artifact to `path` and its description to `path` + ".json", atomically; returns `path`.
+
+        An existing `path` is replaced only with `force`, and only when it is an earlier export.
+        """
+        path = check_export_path(path, force=force)
+        saving.write_files_atomically(path.parent, {path.name: bytes(self.exported.serialize()),
+                                                    f"{path.name}.json": json.dumps(self.info, indent=2).encode()})
         return path
+
+
+def check_export_path(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Refuse, before anything is exported, an artifact path that may not be written (see `ExportedFCN.save`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give the artifact's file name, e.g. {path / 'model.stablehlo'}")
+    if path.exists():
+        described = Path(f"{path}.json")
+        ours = described.is_file() and EXPORT_FORMAT in described.read_text(errors="replace")[:200]
+        if not ours:
+            raise ValueError(f"--out {path} exists and is not an export written by `zoo export`; choose another "
+                             f"--out. Nothing was written.")
+        if not force:
+            raise ValueError(f"--out {path} already holds an export; pass --force to replace it, or choose another "
+                             f"--out. Nothing was written.")
+    return path
 
 
 def _pair(value, what: str) -> tuple[int, int]:
@@ -111,9 +130,11 @@ def _describe_size(constraints, multiple_of) -> str:
 
 
 def verification_sizes(smallest, stride, multiple_of=1, max_size=None) -> list[tuple[int, int]]:
-    """Three allowed (H, W) above `smallest`, odd and even, a few strides apart."""
+    """Three allowed (H, W) above `smallest`: odd and even sides where multiple_of allows, the last further off."""
     (m_h, m_w), (s_h, s_w) = _pair(multiple_of, "multiple_of"), _pair(stride, "stride")
-    steps = [(1, 3), (2, 0), (2 * s_h + 1, s_w + 2)]
+    # In steps of multiple_of; with no such step, the last size is a couple of strides further.
+    far = (2 * s_h + 1, s_w + 2) if (m_h, m_w) == (1, 1) else (3, 1)
+    steps = [(1, 3), (2, 0), far]
     sizes = []
     for dh, dw in steps:
         h, w = smallest[0] + dh * m_h, smallest[1] + dw * m_w
@@ -173,20 +194,26 @@ def export_fcn(fcn: FCN, *, min_size=None, multiple_of=1, max_size=None, platfor
     def scores(x):
         return nnx.merge(graphdef, state)(x)
 
+    def traced(step, fn):
+        # The network runs at concrete sizes (it was converted or loaded), so what fails here is
+        # what symbolic sizes cannot express: an undecidable comparison, or two branches whose
+        # equal sizes are written differently (ceil(H/2) as floordiv(H - 1, 2) + 1 and as -floordiv(-H, 2)).
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001  (re-raised as the one-line reason)
+            raise ValueError(f"FCN({fcn.source}) cannot be {step} for every size {sizes_text}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0]} To fix it, {open_question}.") from None
+
     need = fcn.feature_shape[:2]
     with ops():
-        try:
-            # The backbone alone first: FCN.__call__ turns any backbone failure into a size message.
-            features = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).backbone(x), state, spec)
-            if not all(_provably(features.shape[1 + a] >= need[a]) for a in range(2)):
-                raise ValueError(
-                    f"FCN({fcn.source}) needs a backbone map of at least {need[0]}x{need[1]} cells for one "
-                    f"output cell, which sizes {sizes_text} do not guarantee (the map is {features.shape[1]} x "
-                    f"{features.shape[2]}); {open_question}")
-            exported = export.export(jax.jit(scores), platforms=platforms)(spec)
-        except InconclusiveDimensionOperation as e:
-            raise ValueError(f"FCN({fcn.source}) cannot be traced for every size {sizes_text}: "
-                             f"{str(e).splitlines()[0]} To fix it, {open_question}.") from None
+        # The backbone alone first: FCN.__call__ turns any backbone failure into a size message.
+        features = traced("traced", lambda: jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).backbone(x), state, spec))
+        if not all(_provably(features.shape[1 + a] >= need[a]) for a in range(2)):
+            raise ValueError(
+                f"FCN({fcn.source}) needs a backbone map of at least {need[0]}x{need[1]} cells for one output cell, "
+                f"which sizes {sizes_text} do not guarantee (the map is {features.shape[1]} x {features.shape[2]}); "
+                f"{open_question}")
+        exported = traced("exported", lambda: export.export(jax.jit(scores), platforms=platforms)(spec))
 
     info = {
         "format": EXPORT_FORMAT,

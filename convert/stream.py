@@ -521,8 +521,8 @@ def add_stream_arguments(parser, *, default_save: str) -> None:
                        help="arrays to write, comma-separated: labels, scores (default: %(default)s)")
     group.add_argument("--pictures", action="store_true", help="also write <name>.overlay.png per image")
     group.add_argument("--resume", action="store_true", help="skip images whose complete result is in --out")
-    group.add_argument("--tile", type=int, default=1024, help="longest side run whole; larger images are tiled "
-                                                              "(default: %(default)s)")
+    group.add_argument("--tile", type=int, help="longest side run whole; larger images are tiled (default: 384 on "
+                                                "CPU, 1024 on accelerators)")
     group.add_argument("--halo", type=int, help="pixels of context around each tile's core (default: from the "
                                                 "network's receptive field)")
     group.add_argument("--batch", type=int, default=1, help="images or tiles per device per call (default: "

@@ -1,7 +1,8 @@
 """Huge images in tiles: the error against the whole image as a function of the halo, and memory and speed.
 
     .venv/bin/python scripts/bench_tiles.py halo              # about 2 minutes on a 2-core CPU
-    .venv/bin/python scripts/bench_tiles.py memory            # 2000x2000 vs 20000x20000: about 6 minutes
+    .venv/bin/python scripts/bench_tiles.py memory            # 2000x2000 vs 20000x20000: about 5 minutes
+    .venv/bin/python scripts/bench_tiles.py memory --sizes 2000 --tiles 256 384 512 768 1024   # the tile's cost
     .venv/bin/python scripts/bench_tiles.py memory --sizes 2000 8000 --dtype bfloat16   # on a GPU
 
 `halo`: the shipped segmentation nets and the converted MNIST classifiers on digit scenes with odd
@@ -110,13 +111,14 @@ def child(args) -> int:
     from convert.stream import run_stream
 
     net, _ = convert.segment.load_any_segmentation(args.model)
-    predictor = convert.DensePredictor(net, tile=args.tile, dtype=args.dtype)
+    predictor = convert.DensePredictor(net, tile=args.tile or None, dtype=args.dtype)
     before = status_kib("VmHWM")
     summary = run_stream(predictor, args.input, args.out, save=("labels",), progress=False, model=args.model)
     result = {
         "side": args.side, "megapixels": summary.pixels / 1e6, "seconds": summary.seconds,
         "compile_seconds": predictor.compile_seconds, "compilations": predictor.compilations,
-        "tiles": summary.tiles, "window": list(predictor.plan(args.side, args.side).window), "halo": predictor.halo,
+        "tile": predictor.tile, "tiles": summary.tiles, "window": list(predictor.plan(args.side, args.side).window),
+        "halo": predictor.halo,
         "mpix_per_s": summary.megapixels_per_second,
         "mpix_per_s_without_compiling": summary.pixels / 1e6 / (summary.seconds - predictor.compile_seconds),
         "vmhwm_before_run_mib": before / 1024, "vmhwm_mib": status_kib("VmHWM") / 1024,
@@ -136,19 +138,22 @@ def memory_study(args) -> dict:
             write_mosaic(path, side)
             print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s",
                   flush=True)
-            command = [sys.executable, __file__, "child", str(path), str(Path(work) / f"out-{side}"),
-                       "--side", str(side), "--tile", str(args.tile), "--model", args.model, "--dtype", args.dtype]
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise SystemExit(done.stderr[-3000:])
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            labels = np.load(Path(work) / f"out-{side}" / f"mosaic-{side}.labels.npy", mmap_mode="r")
-            row["labels_shape"] = list(labels.shape)
-            del labels
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for tile in args.tiles:
+                out = Path(work) / f"out-{side}-{tile}"
+                command = [sys.executable, __file__, "child", str(path), str(out), "--side", str(side),
+                           "--tile", str(tile), "--model", args.model, "--dtype", args.dtype]
+                done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise SystemExit(done.stderr[-3000:])
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                labels = np.load(out / f"mosaic-{side}.labels.npy", mmap_mode="r")
+                row["labels_shape"] = list(labels.shape)
+                del labels
+                (out / f"mosaic-{side}.labels.npy").unlink()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             path.unlink()
-    return {"model": args.model, "tile": args.tile, "dtype": args.dtype, "rows": rows}
+    return {"model": args.model, "dtype": args.dtype, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -165,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     p = sub.add_parser("memory", help="peak memory and speed, one subprocess per image size")
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
-    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--tiles", type=int, nargs="+", default=[0], help="tiles to measure (0: the predictor's default)")
     p.add_argument("--model", default="mnistnet_fcn8s-digit_scenes")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--work-dir", default=None, help="where the input and output arrays go (default: the temp dir)")
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("input")
     p.add_argument("out")
     p.add_argument("--side", type=int)
-    p.add_argument("--tile", type=int)
+    p.add_argument("--tile", type=int, default=0)
     p.add_argument("--model")
     p.add_argument("--dtype")
     args = parser.parse_args(argv)
