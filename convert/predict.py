@@ -462,8 +462,11 @@ def read_image(path: str | os.PathLike, channels: int, *, invert: bool | None = 
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
     notes = {}
+    bomb_limit = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # the size is checked here, against max_pixels, before decoding
         with Image.open(path) as img:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
             width, height = img.size
             if width * height > max_pixels:
                 raise ValueError(f"{path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); the limit is "
@@ -505,6 +508,8 @@ def read_image(path: str | os.PathLike, channels: int, *, invert: bool | None = 
         raise ValueError(f"{path}: {e}") from None
     except (OSError, SyntaxError) as e:  # truncated or corrupt data
         raise ValueError(f"{path} could not be decoded ({e}); the file is truncated or damaged") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     if channels == 1 and array.shape[-1] == 3:
         array = array @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
     elif channels == 3 and array.shape[-1] == 1:

@@ -398,8 +398,11 @@ def open_image_source(path: str | os.PathLike, channels: int, *, invert: bool | 
         raise FileNotFoundError(f"image file {path} not found")
     if path.suffix.lower() == NPY_SUFFIX:
         return NpySource(path, channels, invert=invert)
-    layout = None
+    layout, bomb_limit = None, Image.MAX_IMAGE_PIXELS
     try:
+        # Only the header is parsed here: Pillow's decompression-bomb limit (179 megapixels) guards
+        # decoding, which lazy reading never does, and read_image's own limit guards the rest.
+        Image.MAX_IMAGE_PIXELS = None
         with Image.open(path) as img:
             layout = _raw_strips(img)
             size, image_format = img.size, img.format
@@ -409,6 +412,8 @@ def open_image_source(path: str | os.PathLike, channels: int, *, invert: bool | 
         raise ValueError(f"{path}: {e}") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path} could not be decoded ({e}); the file is truncated or damaged") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     if layout is not None:
         strips, rawmode = layout
         return RawImageSource(path, strips, rawmode, size, channels, invert=invert, image_format=image_format)

@@ -1,9 +1,9 @@
 """Hands-On Machine Learning (Géron, 3rd ed.), chapter 14, exercises 1-9, answered by running code.
 
-    .venv/bin/python scripts/exercises.py                   # all nine: about 30 minutes on 2 shared CPU cores
+    .venv/bin/python scripts/exercises.py                   # all nine: about 25 minutes on 2 shared CPU cores
     .venv/bin/python scripts/exercises.py --only 4          # one exercise (or --only 1,5): its section is replaced
     .venv/bin/python scripts/exercises.py --quick --out /tmp/ex   # smoke run: tiny data, 1-2 steps (the test suite's)
-    .venv/bin/python scripts/exercises.py --render          # rewrite the page from the numbers stored in it
+    .venv/bin/python scripts/exercises.py --render          # rewrite the page (figures 1, 3, 6 too) from its numbers
 
 Writes <out>/EXERCISES.md (default out: docs/) and PNG figures under <out>/figures/. Each section
 records the command, machine and date of the run that made it, and its numbers as JSON in an HTML
@@ -40,7 +40,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 CODE = "../scripts/exercises.py"  # links from docs/EXERCISES.md
-BENCHMARKS = "BENCHMARKS.md"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1107,8 +1106,9 @@ Fashion-MNIST, {_count(len(lrn['accuracy']), 'seed')}:
 What the numbers show: {verdict}; LRN makes each update {lrn['update_seconds'] / plain['update_seconds']:.2f}x as long.
 With the paper's constants (k = 2, alpha = 1e-4, beta = 0.75) the divisor is (2 + 1e-4 x the sum of
 the squares of 5 neighbouring maps)^0.75; the trained networks' LRN layers multiply their positive
-inputs by {scale_text}. {strength} One would add LRN today to reproduce AlexNet or GoogLeNet, or where
-maps should compete at each position and batch statistics are not available; otherwise BatchNorm.
+inputs by {scale_text}. {strength} So: LRN goes in the lower layers, where it was meant to make
+the first maps specialize, of a network whose activations are large enough for it to act; today one
+adds it to reproduce AlexNet or GoogLeNet, and uses batch normalization otherwise.
 """
 
 
@@ -1548,9 +1548,9 @@ Hands-On Machine Learning with Scikit-Learn, Keras and TensorFlow (Géron, 3rd e
 question (paraphrased), our answer in a few sentences, and the measurements behind it, made with
 this project's own models, training loop and tools by [`scripts/exercises.py`](../scripts/exercises.py):
 
-    .venv/bin/python scripts/exercises.py              # every number and figure on this page (about 30 minutes on 2 CPU cores)
+    .venv/bin/python scripts/exercises.py              # every number and figure on this page (about 25 minutes on 2 CPU cores)
     .venv/bin/python scripts/exercises.py --only 3     # one exercise; its section is replaced
-    .venv/bin/python scripts/exercises.py --render     # re-render the page from the numbers stored in it
+    .venv/bin/python scripts/exercises.py --render     # re-render the page (and figures 1, 3, 6) from the numbers stored in it
 
 Accuracies are the mean ± standard deviation over 3 seeds where two networks are compared; trainings
 are short (a few epochs of small networks), so they rank designs but are not the best these networks

@@ -170,6 +170,24 @@ def test_npy_is_read_by_rows_and_compressed_formats_whole(tmp_path):
     assert not tiles.open_image_source(tmp_path / "gray.png", 1).lazy  # PNG: one deflate stream, decoded whole
 
 
+def test_huge_uncompressed_images_open_without_decoding(tmp_path):
+    # 15000 x 16000 = 240 megapixels: above Pillow's decompression-bomb limit and read_image's; the
+    # file is sparse, so it costs no disk. Only the rows of a window are ever read.
+    path = tmp_path / "huge.pgm"
+    header = b"P5\n16000 15000\n255\n"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + 15000 * 16000)
+        f.seek(len(header) + 14000 * 16000 + 9000)
+        f.write(bytes([255, 128]))
+    source = tiles.open_image_source(path, 1)
+    assert source.lazy and (source.height, source.width) == (15000, 16000)
+    window = source.read(13990, 8990, 20, 20)[..., 0]
+    assert window[10, 10] == 1.0 and window[10, 11] == pytest.approx(128 / 255) and window.sum() < 1.6
+    with pytest.raises(ValueError, match="megapixels"):  # decoded whole, it would be refused
+        convert.predict.read_image(path, 1)
+
+
 @pytest.mark.parametrize("name,damage,match", [
     ("cut.npy", lambda data: data[:-100], "truncated"),
     ("cut.pgm", lambda data: data[:-100], "truncated"),
