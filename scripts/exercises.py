@@ -611,6 +611,19 @@ is the one of this sweep (all training data, seed {r['seeds'][0]}) closest to th
     return text
 
 
+def _against_spread(difference: float, sd: float) -> str:
+    """How a difference of two means compares with the seeds' standard deviation (both in points)."""
+    if sd <= 0:
+        return "with one seed each (no spread to compare with)"
+    ratio = abs(difference) / sd
+    if ratio <= 1:
+        return "within one seed standard deviation: no difference"
+    if ratio <= 2.5:
+        return (f"{ratio:.1f} times the larger seed standard deviation: a small difference at most, which these "
+                f"seeds do not settle")
+    return f"{ratio:.1f} times the larger seed standard deviation: a real difference"
+
+
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -992,8 +1005,7 @@ def render_4(r: dict) -> str:
                      f"{row['update_seconds'] / pool['update_seconds']:.2f} | {pct(row['accuracy'])} |")
     d_acc = 100 * (mean_sd(conv["accuracy"])[0] - mean_sd(pool["accuracy"])[0])
     spread = 100 * max(mean_sd(conv["accuracy"])[1], mean_sd(pool["accuracy"])[1])
-    verdict = ("within the spread between seeds" if abs(d_acc) <= 2 * spread else
-               "more than twice the spread between seeds")
+    verdict = _against_spread(d_acc, spread)
     return f"""\
 **Answer.** A max-pooling layer has no parameters and costs almost nothing to compute; a
 convolution with the same stride adds weights and multiply-adds and must learn what to keep. Max
@@ -1084,13 +1096,8 @@ def render_5(r: dict) -> str:
                     "(AlexNet's were larger: it took raw 0-255 pixels).")
     else:
         strength = "The factor varies across positions and maps: the layers do normalize."
-    if abs(d_acc) <= 2 * max(spread, 0.0005):
-        verdict = (f"the accuracy difference, {d_acc:+.2f} points, is within the spread between seeds: "
-                   "LRN does not help here")
-    elif d_acc > 0:
-        verdict = f"LRN gains {d_acc:+.2f} points, more than twice the spread between seeds"
-    else:
-        verdict = f"LRN loses {d_acc:+.2f} points, more than twice the spread between seeds"
+    helps = "LRN helps here" if d_acc > 2 * spread else "LRN does not help here"
+    verdict = f"{helps}: the networks with it differ by {d_acc:+.2f} points, {_against_spread(d_acc, spread)}"
     return f"""\
 **Answer.** LRN (Krizhevsky et al. 2012, sec. 3.3) makes the most active maps at a position inhibit
 their neighbouring maps, which encourages maps to specialize; AlexNet and GoogLeNet used it after

@@ -181,7 +181,7 @@ def test_options_of_the_other_task_are_refused_before_anything_loads(monkeypatch
         raise AssertionError("loaded data or built the model before checking the settings")
 
     if "init_from" in changes:  # a saved classifier directory, so that only the pair is wrong
-        (tmp_path / "model.json").write_text(json.dumps({"format": "fcnzoo-model", "model": "mnistnet"}))
+        (tmp_path / "model.json").write_text(json.dumps({"format": "fcnzoo-model", "model": "mnistnet", "kwargs": {}}))
         changes = {**changes, "init_from": str(tmp_path)}
     monkeypatch.setattr(tasks.Segmentation, "load", nothing)
     monkeypatch.setattr(tasks.Classification, "load", nothing)
