@@ -517,7 +517,8 @@ def exercise_1(run: Run) -> dict:
     width = max(1, round((cnn["params"] - 10) / (784 + 1 + 10)))
     same_params = measure("exercise_mlp", {"hidden": (width,)})
     results = {"models": {"CNN": cnn, "MLP, same parameters": same_params, "MLP, same accuracy": same_accuracy},
-               "sweep": sweep, "seeds": list(b.seeds), "test_images": len(images), "fractions": list(b.ex1_fractions), "shifts": list(EX1_SHIFTS), "train_size": full}
+               "sweep": sweep, "seeds": list(b.seeds), "test_images": len(images), "fractions": list(b.ex1_fractions),
+               "shifts": list(EX1_SHIFTS), "train_size": full}
     _figure_1(run, results)
     return results
 
@@ -924,7 +925,9 @@ def render_3(r: dict) -> str:
                  f"{many['seconds'] / one['seconds']:.2f}x, says nothing about real devices).")
     bullets = "\n".join(f"- {m}" for m in moves)
     return f"""\
-**Answer.** Five things to try, each one switch here (`TrainConfig` or a model option), measured on
+**Answer.** The book's five moves (a smaller batch, 16-bit floats, a larger stride, fewer layers,
+several devices) and two more (gradient accumulation, rematerialization), each one switch here
+(`TrainConfig` or a model option), measured on
 one network (MnistNet-wide's layout, {base['params']:,} parameters: `exercise_cnn` with
 {_kwargs(r['model_kwargs'])}) at batch {r['batch']} of 28x28 MNIST images, as XLA's temp memory of the
 compiled update (jax's `compiled.memory_analysis()`: activations, gradients and scratch buffers;
@@ -1018,7 +1021,8 @@ swapping the two 2x2 max pools for 3x3 stride-2 conv units (conv-BatchNorm-ReLU,
 {chr(10).join(lines)}
 
 The convolution costs {conv['params'] - pool['params']:,} more parameters ({conv['params'] / pool['params']:.2f}x),
-{conv['flops'] / pool['flops']:.2f}x the FLOPs and {conv['update_seconds'] / pool['update_seconds']:.2f}x the time per update,
+{conv['flops'] / pool['flops']:.2f}x the FLOPs and {conv['update_seconds'] / pool['update_seconds']:.2f}x the time per
+update,
 and its accuracy differs by {d_acc:+.2f} points, {verdict}. FLOPs are `zoo.summarize`'s (2 x multiply-adds of
 convolutions and dense layers; pooling counts 0). Time per update: the loop's compiled update at batch {r['batch']},
 median of alternating calls in one process.
@@ -1156,13 +1160,15 @@ def exercise_6(run: Run) -> dict:
 def _figure_6(run: Run, rows: list[dict]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    families = list(dict.fromkeys(row["family"] for row in rows if row["name"] != "lenet5"))
-    colours = dict(zip(families, plt.get_cmap("tab10")(np.arange(len(families)))))
-    for family in families:
-        members = [row for row in rows if row["family"] == family]
+    # One line per paper (ResNet and SE-ResNet share a family), named by its models' common stem.
+    papers = list(dict.fromkeys(row["paper"] for row in rows if row["name"] != "lenet5"))
+    colours = dict(zip(papers, plt.get_cmap("tab10")(np.arange(len(papers)))))
+    for paper in papers:
+        members = [row for row in rows if row["paper"] == paper]
+        family = re.sub(r"(_[a-z])?\d+$", "", members[0]["name"])
         x = [row["flops_224"] / 1e9 for row in members]
         y = [row["params_224"] / 1e6 for row in members]
-        ax.plot(x, y, "o-", color=colours[family], ms=5, lw=0.8,
+        ax.plot(x, y, "o-", color=colours[paper], ms=5, lw=0.8,
                 label=f"{family} ({min(row['year'] for row in members)})")
         for row, xi, yi in zip(members, x, y):
             short = row["name"].replace("efficientnet_", "").replace("seresnet", "se").replace("resnet", "")
@@ -1200,7 +1206,8 @@ def render_6(r: dict) -> str:
 directly on top of each other, and trained on GPUs with ReLU, dropout, overlapping max pooling, data
 augmentation and LRN. **GoogLeNet**'s Inception units run 1x1, 3x3 and 5x5 convolutions and a pool in
 parallel, with 1x1 convolutions as bottlenecks, and a global average pool instead of big Dense layers:
-22 layers deep with {fewer} the parameters of AlexNet. **VGG** showed that depth built from 3x3 convolutions alone works. **ResNet**'s skip
+22 layers deep with {fewer} the parameters of AlexNet. **VGG** showed that depth built from 3x3
+convolutions alone works. **ResNet**'s skip
 connections let blocks learn residuals, so networks of 100+ layers train. **SENet** adds
 squeeze-and-excitation: each block reweights its channels by gates computed from their global means.
 **Xception** replaces Inception units with depthwise separable convolutions (a per-channel spatial
@@ -1461,10 +1468,14 @@ Measured with the shipped nets (grown by `convert` from the MNIST classifier and
 
 The skips matter most at the edges: within {r['band_px']} px of a digit's edge FCN-32s (no skip, scores at
 stride 4 upsampled) gets {100 * err32:.1f}% of the pixels wrong and FCN-8s (two skips, down to stride 1)
-{100 * err8:.1f}%; away from the edges both are above {100 * min(c32['interior_accuracy'], c8['interior_accuracy']):.1f}%. Mean IU
+{100 * err8:.1f}%; away from the edges both are above {100 * min(c32['interior_accuracy'], c8['interior_accuracy']):.1f}%.
+Mean IU
 (the mean over the 11 classes of intersection over union, from `train.tasks.confusion`) goes from
 {c32['mean_iou']:.3f} to {c8['mean_iou']:.3f}. Our MnistNet backbone has a total stride of 4, not VGG's 32:
 the names keep the paper's meaning (no skip, one, two).
+
+The picture: test scene {r['shown_scene']} (the one with the most digits among the first 20) with both
+nets' labels and their errors; the bottom row zooms on its smallest digit, where stride 4 costs most.
 
 ![FCN-32s vs FCN-8s](figures/ex8_fcn32s_vs_fcn8s.png)
 """
