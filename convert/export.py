@@ -5,7 +5,7 @@ accepts, and serialized as StableHLO with its weights inside. Anything with jax 
 
     exported = convert.export_fcn(fcn)               # symbolic (n, h, w, C) -> (n, h', w', K)
     exported.save("model.stablehlo")                 # + model.stablehlo.json: input constraints, geometry
-    # elsewhere, with jax only:
+    # elsewhere, with jax (and flatbuffers, which jax reads the file with) only:
     run = jax.export.deserialize(open("model.stablehlo", "rb").read())
     scores = run.call(images)                        # images (N, H, W, C) float32, any H, W allowed
 
@@ -14,7 +14,8 @@ that branches on something they leave open, such as EfficientNet's padding that 
 whether a side is even, would silently trace one branch, so the export is checked against the
 live network at sizes of both parities; sizes of one form (`multiple_of`, e.g. the total stride)
 make such layers exportable. BatchNorms are folded first (`convert.fold`): fewer operations to
-serve, outputs equal to float rounding.
+serve, outputs equal to float rounding. A server should check sizes against the constraints in the
+.json: outside them jax's `call` fails, e.g. with a bare MLIR "invalid tensor dimension size".
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ VERIFY_TOLERANCE = 1e-4  # relative to max(1, largest |score|): float rounding, 
 
 # What `zoo export --format onnx` answers (see the README's dependency note).
 ONNX_UNAVAILABLE = (
-    "ONNX export is not offered: jax2onnx, the maintained JAX-to-ONNX converter, fails on every zoo family "
-    "under jax 0.10 / flax 0.12 (0.17.1 and 0.13.0 tried: its flax pooling and conv rewrites break), and since "
-    "0.13.1 it pins orbax-checkpoint below this project's 0.12.8; export StableHLO (the default --format) and "
-    "serve it with jax")
+    "ONNX export is not offered: jax2onnx, the maintained JAX-to-ONNX converter, fails on the zoo's FCNs under "
+    "jax 0.10 / flax 0.12 (0.17.1 and 0.13.0 tried on LeNet-5, MnistNet, ResNet-18, Xception and EfficientNet-B0: "
+    "its rewrites of flax's pooling and convolution break), and since 0.13.1 it pins orbax-checkpoint below this "
+    "project's 0.12.8; export StableHLO (the default --format) and serve it with jax")
 
 
 @dataclasses.dataclass
@@ -95,10 +96,10 @@ def _pair(value, what: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _provably(condition) -> bool:
-    """True when a (possibly symbolic) comparison holds for every size the constraints allow."""
+def _at_least(size, bound) -> bool:
+    """size >= bound for every size the constraints allow (size may be symbolic)."""
     try:
-        return bool(condition)
+        return bool(size >= bound)
     except InconclusiveDimensionOperation:
         return False
 
@@ -125,7 +126,7 @@ def symbolic_input(channels: int, min_size, *, multiple_of=1, max_size=None):
 
 def _describe_size(constraints, multiple_of) -> str:
     m_h, m_w = _pair(multiple_of, "multiple_of")
-    side = lambda m, v: v if m == 1 else f"{m}*{v}"  # noqa: E731
+    side = lambda m, v: v if m == 1 else f"{m}*{v}"
     return f"H = {side(m_h, 'h')}, W = {side(m_w, 'w')} with " + ", ".join(constraints)
 
 
@@ -164,10 +165,10 @@ def export_fcn(fcn: FCN, *, min_size=None, multiple_of=1, max_size=None, platfor
     Returns:
         an `ExportedFCN`: (n, H, W, C) float32 -> (n, h', w', K) float32.
     Raises:
-        ValueError saying which constraint or layer stands in the way.
+        ValueError saying which constraint or layer stands in the way; TypeError for anything but an FCN.
     """
     if not isinstance(fcn, FCN):
-        raise ValueError(f"export_fcn takes a convert.FCN, got {type(fcn).__name__}")
+        raise TypeError(f"export_fcn takes a convert.FCN, got {type(fcn).__name__}")
     here = export.default_export_platform()
     platforms = tuple(platforms or (here,))
     unknown = [p for p in platforms if p not in PLATFORMS]
@@ -187,9 +188,10 @@ def export_fcn(fcn: FCN, *, min_size=None, multiple_of=1, max_size=None, platfor
     folded = sum(isinstance(node, FoldedBatchNorm) for _, node in nnx.iter_graph(network)) if fold else 0
     graphdef, state = nnx.split(network)
     ops = cpu_conv.xla_ops_only if any(p != "cpu" for p in platforms) else contextlib.nullcontext
-    open_question = (f"raise the smallest size (now {smallest[0]}x{smallest[1]}; the training size is "
-                     f"{fcn.input_shape[0]}x{fcn.input_shape[1]}) or allow sizes of one form only "
-                     f"(multiple_of={g.stride[0]}, the total stride)")
+    too_small = (f"raise the smallest size (now {smallest[0]}x{smallest[1]}; the training size, "
+                 f"{fcn.input_shape[0]}x{fcn.input_shape[1]}, always gives one cell)")
+    open_question = (f"allow sizes of one form only (multiple_of, --multiple-of {g.stride[0]}: the total "
+                     f"stride) or {too_small}")
 
     def scores(x):
         return nnx.merge(graphdef, state)(x)
@@ -208,11 +210,11 @@ def export_fcn(fcn: FCN, *, min_size=None, multiple_of=1, max_size=None, platfor
     with ops():
         # The backbone alone first: FCN.__call__ turns any backbone failure into a size message.
         features = traced("traced", lambda: jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).backbone(x), state, spec))
-        if not all(_provably(features.shape[1 + a] >= need[a]) for a in range(2)):
+        if not all(_at_least(features.shape[1 + a], need[a]) for a in range(2)):
             raise ValueError(
                 f"FCN({fcn.source}) needs a backbone map of at least {need[0]}x{need[1]} cells for one output cell, "
                 f"which sizes {sizes_text} do not guarantee (the map is {features.shape[1]} x {features.shape[2]}); "
-                f"{open_question}")
+                f"{too_small}")
         exported = traced("exported", lambda: export.export(jax.jit(scores), platforms=platforms)(spec))
 
     info = {
@@ -256,8 +258,8 @@ def verify_export(exported: export.Exported, fcn: FCN, sizes, *, seed: int = 0) 
                 f"the export of FCN({fcn.source}) gives other scores than the live network on {h}x{w} images "
                 f"(shapes {ours.shape} vs {reference.shape}, max |diff| {diff:.3g}): a layer decides on the "
                 f"image size in a way the symbolic sizes do not express (e.g. padding that depends on whether "
-                f"a side is even); allow sizes of one form only (multiple_of={fcn.geometry.stride[0]}, "
-                f"the total stride)")
+                f"a side is even); allow sizes of one form only (multiple_of, --multiple-of "
+                f"{fcn.geometry.stride[0]}: the total stride)")
         report.append({"size": [h, w], "batch": batch, "max_abs_diff": diff, "score_scale": scale})
     return report
 

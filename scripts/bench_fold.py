@@ -5,7 +5,7 @@
 Cases: NAME:BATCH is a classifier's inference (eval mode, random weights and BatchNorm
 statistics) on a batch at the model's input size; fcn-NAME:SIZE is dense prediction of the
 model converted to an FCN (`convert.to_fcn`) on one SIZE x SIZE image through
-`convert.DensePredictor`. Each case is compiled twice from the same weights, once as it is and
+`convert.DensePredictor` (run whole: tile=SIZE). Each case is compiled twice from the same weights, once as it is and
 once after `convert.fold_batchnorm`; calls alternate between the two sides (median of
 `repeats`, more for calls under 0.1 s, after a compiling warm-up), so background load hits
 both alike. Prints seconds per call, the speed-up (unfolded / folded) and the largest relative
@@ -37,7 +37,7 @@ def random_batchnorms(model, seed=0):
     bn_paths = {tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)}
     state = nnx.state(model, lambda path, _: tuple(path[:-1]) in bn_paths)
     rng = np.random.default_rng(seed)
-    draw = lambda name, shape: jnp.asarray(  # noqa: E731
+    draw = lambda name, shape: jnp.asarray(
         rng.uniform(0.5, 1.5, shape) if name in ("var", "scale") else rng.normal(0, 0.3, shape), jnp.float32)
     nnx.update(model, nnx.from_flat_state([(p, draw(p[-1], v.get_value().shape)) for p, v in nnx.to_flat_state(state)]))
     return model
@@ -70,7 +70,7 @@ def fcn_case(name, size):
     fold_seconds = time.perf_counter() - start
 
     def predicting(network):
-        predictor = convert.DensePredictor(network)
+        predictor = convert.DensePredictor(network, tile=size)  # the whole image in one call, not tiles
         return lambda: predictor.predict(image).scores
 
     return predicting(fcn), predicting(folded), folded, fcn, f"1x{size}x{size}x{fcn.input_shape[-1]}", fold_seconds
@@ -89,7 +89,7 @@ def bench(case: str, repeats: int) -> dict:
     once = time.perf_counter() - start
     rounds = repeats if once >= 0.1 else min(200, max(repeats, int(2.0 / max(once, 1e-4))))
     row = alternating_medians({"unfolded": plain, "folded": folded_fn}, rounds, warm_up=False)
-    count = lambda m, cls: sum(type(n) is cls for _, n in nnx.iter_graph(m))  # noqa: E731
+    count = lambda m, cls: sum(type(n) is cls for _, n in nnx.iter_graph(m))
     row.update(case=case, input=shape, rel_diff=error, rounds=rounds, fold_seconds=fold_seconds,
                batchnorms=count(original, nnx.BatchNorm), folded_bns=count(folded, convert.FoldedBatchNorm))
     return row
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=DEFAULT, help="comma-separated NAME:BATCH or fcn-NAME:SIZE")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
-    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {uptime()}", flush=True)
     header = (f"{'case':<20} {'input':<16} {'BN folded':>9} {'unfolded':>10} {'folded':>10} {'speed-up':>8} "
               f"{'rel. diff':>9} {'rounds':>6} {'fold time':>9}")

@@ -226,7 +226,7 @@ def test_cpu_conv_exports_with_symbolic_sizes(every_size_takes_the_fast_path):
         def run(x, kernels):
             out = []
             for (cin, _, _, stride, padding, groups), w in zip(SYMBOLIC_CASES, kernels):
-                def loss(x, w):
+                def loss(x, w, cin=cin, stride=stride, padding=padding, groups=groups):
                     return jnp.sin(conv(x[..., :cin], w, (stride, stride), padding, dimension_numbers=NHWC,
                                         feature_group_count=groups)).sum()
                 out.append(jax.value_and_grad(loss, argnums=(0, 1))(x, w))
@@ -234,9 +234,10 @@ def test_cpu_conv_exports_with_symbolic_sizes(every_size_takes_the_fast_path):
         return run
 
     for (cin, _, kernel, stride, padding, groups), w in zip(SYMBOLIC_CASES, kernels):
-        jaxpr = str(jax.make_jaxpr(lambda x: cpu_conv.conv_general_dilated(
-            x, w, (stride, stride), padding, dimension_numbers=NHWC, feature_group_count=groups))(
-            symbolic_images(cin)))
+        def conv(x, w=w, stride=stride, padding=padding, groups=groups):
+            return cpu_conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC,
+                                                 feature_group_count=groups)
+        jaxpr = str(jax.make_jaxpr(conv)(symbolic_images(cin)))
         assert "custom_vjp" in jaxpr or "conv_general_dilated" not in jaxpr  # the fast path, not XLA's op
     exported = export.export(jax.jit(values_and_grads(cpu_conv.conv_general_dilated)))(
         symbolic_images(16), [jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in kernels])
@@ -251,7 +252,8 @@ def test_max_pool_exports_with_symbolic_sizes(every_size_takes_the_fast_path):
     pools = [MaxPool(3, 2, "SAME"), MaxPool(2, 2, "VALID"), MaxPool(3, 1, "VALID")]
 
     def values_and_grads(pool_fn):
-        return lambda x: [jax.value_and_grad(lambda x: jnp.sin(pool_fn(pool, x)).sum())(x) for pool in pools]
+        return lambda x: [jax.value_and_grad(lambda x, pool=pool: jnp.sin(pool_fn(pool, x)).sum())(x)
+                          for pool in pools]
 
     ours = values_and_grads(lambda pool, x: pool(x))
     exported = export.export(jax.jit(ours))(symbolic_images(3, least=4))
@@ -321,6 +323,9 @@ def lenet5_fcn():
 def test_export_refuses_sizes_smaller_than_the_receptive_field():
     with pytest.raises(ValueError, match=r"receptive field\).*20x20.*at least 32x32"):
         export_fcn(lenet5_fcn(), min_size=20, verify=False)
+    # A padded net: the symbolic backbone map must provably hold the head's 7x7 window.
+    with pytest.raises(ValueError, match=r"needs a backbone map of at least 7x7 cells.*h >= 8"):
+        export_fcn(mnistnet_fcn(), min_size=8, verify=False)
 
 
 def test_export_cli_errors_are_one_line(tmp_path, capsys):
@@ -355,7 +360,7 @@ def parity_fcn():
 
 def test_export_catches_a_size_branch_symbolic_shapes_cannot_see(tmp_path):
     fcn = parity_fcn()
-    with pytest.raises(ValueError, match="multiple_of=4"):
+    with pytest.raises(ValueError, match="--multiple-of 4: the total stride"):
         export_fcn(fcn)
     exported = export_fcn(fcn, multiple_of=4)
     assert exported.info["input"]["shape"] == ["n", "4*h", "4*w", "1"] and len(exported.info["verified"]) == 3
