@@ -209,8 +209,10 @@ class DensePredictor:
             self.min_size = tuple(network.min_size)
             self.align = tuple(self.geometry.stride)
         self.devices = list(devices) if devices is not None else jax.local_devices()
-        self.tile = default_tile(self.devices[0].platform) if tile is None else int(tile)
         self.halo = default_halo(network) if halo is None else int(halo)
+        # The default tile grows for networks whose halo it could not hold (a ResNet-50 FCN's is ~300 px).
+        self.tile = max(default_tile(self.devices[0].platform), 2 * self.halo + 8 * max(self.align)) \
+            if tile is None else int(tile)
         if self.tile < 1 or self.halo < 0 or batch < 1:
             raise ValueError(f"tile and batch must be positive and halo non-negative; got tile={tile}, halo={halo}, "
                              f"batch={batch}")
