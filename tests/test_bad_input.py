@@ -44,6 +44,14 @@ def world(tmp_path_factory):
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     (root / "empty").mkdir()
+    from PIL import Image
+
+    bomb = root / "bomb"  # 72-megapixel images (small files): refused from their headers
+    for part in ("images", "masks"):
+        (bomb / part).mkdir(parents=True)
+        for name in ("a", "b"):
+            Image.new("L", (9000, 8000)).save(bomb / part / f"{name}.png")
+    (bomb / "classes.txt").write_text("background\nthing\n")
     for name, change in (("no_kwargs", lambda c: c.pop("kwargs")), ("list_kwargs", lambda c: c.update(kwargs=[])),
                          ("not_json", None)):
         damaged = root / name
@@ -80,6 +88,8 @@ ROWS = {
     "convert NaN weights": (["convert", "{nan}", "--out", "{root}/fcn5"], ["NaN or infinite", "features.conv1.kernel"]),
     "convert onto its own source": (["convert", "{classifier}", "--out", "{classifier}"], ["did not write"]),
     "segment-train into a finished run": (["segment-train", "--backbone", "mnistnet", "--out", "{run}"], ["holds checkpoints", "new or empty"]),
+    "prepare images of 72 megapixels": (["data", "prepare-segmentation", "{bomb}", "--name", "bombs", "--data-dir",
+                                         "{root}/tfds"], ["72 megapixels", "limit"]),
     "a family that does not exist": (["list", "--family", "nope"], ["no model of family 'nope'", "resnet"]),
     "segment with an unknown net": (["segment", "--scene", "64x64", "--model", "nonesuch"], ["shipped"]),
 }

@@ -268,10 +268,18 @@ def _scan_pairs(directory: Path) -> FolderPlan:
 def _open_image(path: Path):
     from PIL import Image
 
+    from convert.predict import MAX_PIXELS
+
     try:
-        return Image.open(path)
+        image = Image.open(path)
     except Exception as e:  # noqa: BLE001  (Pillow raises many kinds: UnidentifiedImageError, SyntaxError, ...)
         raise ValueError(f"{path} is not a readable image ({e}); replace or remove it") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:  # checked from the header, before decoding (memory)
+        image.close()
+        raise ValueError(f"{path} is {width}x{height} ({width * height / 1e6:.0f} megapixels); the limit is "
+                         f"{MAX_PIXELS / 1e6:.0f} megapixels per image. Cut it into parts or downscale it.")
+    return image
 
 
 def _channels_of(image, path: Path) -> int:
