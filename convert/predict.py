@@ -565,10 +565,6 @@ def save_heatmap(image: np.ndarray, result: DenseScores, path: str | os.PathLike
     fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04, label=f"P(class {class_index})")
     ax.set_title(title or f"class {class_index}: {rows}x{cols} windows of {g.receptive_field[0]}x"
                  f"{g.receptive_field[1]} px, stride {g.stride[0]}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")  # a picture is whole or absent, never half-written
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from zoo.saving import save_figure
+
+    return save_figure(fig, path, dpi=100, bbox_inches="tight")

@@ -262,12 +262,6 @@ def draw(result: Segmentation, path, *, class_names, colors: np.ndarray, backgro
         legend = (("classifier panel: each cell's best class, brighter = more probable; " if cells is not None else "")
                   + f"{result.name}: each pixel's class" + (", background left gray" if background is not None else ""))
         fig.text(pad / fig_w, 1 - 0.42 / fig_h, legend, fontsize=8, va="top", ha="left", color="0.3", wrap=True)
-    import os
+    from zoo.saving import save_figure
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")  # a picture is whole or absent, never half-written
-    fig.savefig(tmp, dpi=100, facecolor="white")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100, facecolor="white")

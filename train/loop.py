@@ -686,9 +686,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str = "", m
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from zoo.saving import save_figure
+
+    return save_figure(fig, path, dpi=100)

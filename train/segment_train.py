@@ -185,16 +185,13 @@ def train_staged(config: StagedConfig, *, ship_tag: str | None = None) -> dict:
     import jax
 
     from train import loop, segmentation_data
+    from zoo.saving import check_output_dir
 
     info = segmentation_data.segmentation_info(config.dataset, config.data_dir)
     configs = stage_configs(config)
-    out = Path(config.out)
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    foreign = [name for name in held if name not in {*VARIANTS, "results.json"}]
-    if out.exists() and not out.is_dir() or foreign or (held and not config.resume):
-        raise ValueError(f"--out {out} " + ("is a file" if out.exists() and not out.is_dir() else
-                         f"holds {', '.join((foreign or held)[:5])}") + ": give a new or empty directory"
-                         + ("" if foreign else ", or --resume to continue its stages") + ". Nothing was written.")
+    # Its own stages are continued with --resume (the "force" of this command); anything else is refused.
+    out = check_output_dir(config.out, owns={*VARIANTS, "results.json"}, what="staged run", force=config.resume,
+                           force_flag="--resume to continue its stages")
     machine = (f"{platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.devices()[0].platform} "
                f"({jax.device_count()} device(s))")
     results = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -103,12 +103,13 @@ def load_flat_into(
     return model
 
 
-def check_output_dir(directory: str | os.PathLike, *, owns: Iterable[str], what: str, force: bool = False) -> Path:
+def check_output_dir(directory: str | os.PathLike, *, owns: Iterable[str], what: str, force: bool = False,
+                     force_flag: str = "--force to replace it") -> Path:
     """Refuse, before anything is written, a directory a command may not write its result into.
 
     A new or empty directory is fine. One that holds only files of `owns` (an earlier result of the
-    same kind) is replaced only with `force`. One that holds anything else (a saved classifier, a
-    run, the user's files) is never written into: nothing there is ours to replace.
+    same kind) is replaced, or continued, only with `force` (the command's `force_flag`). One that
+    holds anything else (a saved classifier, a run, the user's files) is never written into.
     Returns the directory as a Path.
     """
     directory = Path(directory)
@@ -117,12 +118,25 @@ def check_output_dir(directory: str | os.PathLike, *, owns: Iterable[str], what:
     held = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     others = [name for name in held if name not in set(owns) and not name.startswith(".")]
     if others:
-        raise ValueError(f"--out {directory} holds files this command did not write ({', '.join(others[:5])}"
-                         f"{', ...' if len(others) > 5 else ''}); choose a new or empty directory. Nothing was written.")
+        raise ValueError(f"--out {directory} holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, "
+                         f"which this command did not write; choose a new or empty directory. Nothing was written.")
     if held and not force:
-        raise ValueError(f"--out {directory} already holds a {what}; pass --force to replace it, or choose another "
+        raise ValueError(f"--out {directory} already holds a {what}; pass {force_flag}, or choose another "
                          f"--out. Nothing was written.")
     return directory
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_options) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a temporary name, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png", **savefig_options)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def write_files_atomically(directory: Path, files: dict[str, bytes]) -> None:
