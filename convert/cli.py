@@ -38,7 +38,8 @@ def cmd_predict_dense(args) -> int:
         print(f"warning: {args.model} is a registry name: random weights, the scores mean nothing; "
               f"pass a saved model directory for real predictions", file=sys.stderr)
     fcn = load_any(args.model)
-    predictor = DensePredictor(fcn, score_map=args.score_map, tile=args.tile, halo=args.halo, batch=args.batch)
+    predictor = DensePredictor(fcn, score_map=args.score_map, tile=args.tile, halo=args.halo, batch=args.batch,
+                                  fold=not args.no_fold)
     if folder:
         if args.cls is not None:
             raise ValueError("--class draws one image's heatmap; a folder run's pictures show each cell's best class")
@@ -118,7 +119,8 @@ def cmd_segment(args) -> int:
                          "e.g. --scene 777x333 (one of them)")
     if folder:
         net, metadata = load_any_segmentation(args.model)
-        predictor = DensePredictor(net, tile=args.tile, halo=args.halo, batch=args.batch)
+        predictor = DensePredictor(net, tile=args.tile, halo=args.halo, batch=args.batch,
+                                  fold=not args.no_fold)
         invert = args.invert if args.invert is not None else (None if net.in_channels == 1 else False)
         return stream.run_command(args, predictor, kind="segment", model=str(args.model), invert=invert,
                                   class_names=metadata.get("class_names"), process=process)
@@ -141,7 +143,8 @@ def cmd_segment(args) -> int:
         image, notes = read_image(args.image, net.in_channels, invert=invert)
         truth, name, default_out = None, str(args.image), f"{Path(args.image).stem}-segment.png"
     classifier, preprocessing = _classifier_beside(net, metadata)
-    view = segment_view.SegmentView(net, class_names, classifier=classifier, classifier_preprocessing=preprocessing)
+    view = segment_view.SegmentView(net, class_names, classifier=classifier, classifier_preprocessing=preprocessing,
+                                    fold=not args.no_fold)
     result = view.segment(image)
     out = Path(args.out) if args.out else Path(default_out)
     report = {

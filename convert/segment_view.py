@@ -104,12 +104,14 @@ class SegmentView:
         class_names: one per class of the net (the data set's).
         classifier: the converted classifier (`convert.FCN`) to show beside it, or None.
         classifier_preprocessing: its recorded preprocessing (it takes x_net = (uint8 * scale - mean) / std).
+        fold: fold the BatchNorms into their convolutions (`DensePredictor`).
     """
 
-    def __init__(self, net, class_names, *, classifier=None, classifier_preprocessing: dict | None = None):
+    def __init__(self, net, class_names, *, classifier=None, classifier_preprocessing: dict | None = None,
+                 fold: bool = True):
         from convert.segment import DISPLAY_NAMES
 
-        self.net = DensePredictor(net)
+        self.net = DensePredictor(net, fold=fold)
         self.name = DISPLAY_NAMES[net.variant]
         self.class_names = [str(n) for n in class_names]
         if len(self.class_names) != net.num_classes:

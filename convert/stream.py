@@ -527,6 +527,8 @@ def add_stream_arguments(parser, *, default_save: str) -> None:
                                                 "network's receptive field)")
     group.add_argument("--batch", type=int, default=1, help="images or tiles per device per call (default: "
                                                             "%(default)s)")
+    group.add_argument("--no-fold", action="store_true", help="keep the BatchNorms as they are (default: folded "
+                                                              "into the convolutions before them; same results)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--coordinator", help="host:port of process 0, for a multi-process run (jax.distributed)")
     group.add_argument("--num-processes", type=int, default=1)

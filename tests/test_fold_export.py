@@ -130,9 +130,19 @@ def test_folded_fcn_gives_the_same_score_maps():
     assert folded.geometry == fcn.geometry
     x = jax.random.normal(jax.random.key(2), (1, 45, 61, 1))
     assert relative_diff(forward(folded, x), forward(fcn, x)) <= TOL
-    image = np.asarray(x[0])
-    ours, reference = convert.DensePredictor(folded).predict(image), convert.DensePredictor(fcn).predict(image)
-    assert relative_diff(ours.scores, reference.scores) <= TOL
+
+
+def test_dense_predictor_folds_by_default():
+    """The predictor (predict-dense, segment) runs eval-mode nets folded; the scores stay the unfolded ones."""
+    fcn = mnistnet_fcn()
+    net = convert.load_shipped_segmentation("mnistnet_fcn8s", "digit_scenes")
+    image = np.asarray(jax.random.uniform(jax.random.key(2), (45, 61, 1)))
+    for network in (fcn, net):
+        folded, unfolded = convert.DensePredictor(network), convert.DensePredictor(network, fold=False)
+        assert folded.folded_batchnorms == count(network, nnx.BatchNorm) > 0
+        assert unfolded.folded_batchnorms == 0 and count(network, nnx.BatchNorm) > 0  # the network is untouched
+        assert count(nnx.merge(folded._graphdef, folded._state), nnx.BatchNorm) == 0
+        assert relative_diff(folded.predict(image).scores, unfolded.predict(image).scores) <= TOL
 
 
 class SkipAfterConv(nnx.Module):

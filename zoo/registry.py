@@ -130,6 +130,11 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
     """A ValueError naming any option the family's builder does not take (with the closest names)."""
     import inspect
 
+    if "input_shape" in options:
+        raise ValueError(f"create_model takes the input's size as input_size=(H, W) and in_channels=C, not "
+                         f"input_shape=; e.g. create_model({spec.name!r}, input_size=(64, 64), in_channels=3)")
+    if "name" in options:
+        raise ValueError(f"create_model's first argument is the registered name ({spec.name!r}); there is no name= option")
     parameters = inspect.signature(spec.builder).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return

@@ -1,0 +1,270 @@
+// oneDNN convolutions as XLA:CPU FFI custom calls (zoo/onednn.py loads and registers them).
+//
+// Three handlers, float32, NHWC activations and HWIO kernels as XLA lays them out (row-major):
+//   fcnzoo_onednn_conv_fwd          (x, w)  -> y
+//   fcnzoo_onednn_conv_bwd_data     (dy, w) -> dx
+//   fcnzoo_onednn_conv_bwd_weights  (x, dy) -> dw
+// Attributes: strides, pad_lo, pad_hi (2 each), groups, layout. The third tensor's shape is the
+// result's. layout 0: activations stay NHWC (oneDNN's nxc kernels), the kernel goes to the
+// primitive's own blocked format; layout 1: every tensor in the primitive's chosen format, reordered
+// from and to NHWC/HWIO at the boundaries. Primitives are built once per shape and kept (a
+// mutex-guarded cache); a primitive may run on several threads at once, so scratchpads and
+// reorder buffers are per call (per-thread buffers that grow).
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dims = dnnl::memory::dims;
+
+namespace {
+
+enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Shapes of one convolution: x (N, H, W, C), w (KH, KW, I, O), y (N, OH, OW, O).
+struct Shape {
+  int64_t n, h, w, c, kh, kw, i, o, oh, ow, sh, sw, plh, plw, phh, phw, groups, layout;
+};
+static_assert(sizeof(Shape) == 18 * sizeof(int64_t), "fcnzoo_onednn_prepare copies Shape as 18 int64s");
+
+memory::desc Nhwc(int64_t n, int64_t c, int64_t h, int64_t w) {
+  return memory::desc({n, c, h, w}, memory::data_type::f32, dims{h * w * c, 1, w * c, c});
+}
+
+// HWIO as oneDNN's (O, I, KH, KW), or (G, O/G, I, KH, KW) for grouped convolutions.
+memory::desc Hwio(const Shape& s) {
+  int64_t kw_stride = s.i * s.o, kh_stride = s.kw * s.i * s.o;
+  if (s.groups == 1)
+    return memory::desc({s.o, s.i, s.kh, s.kw}, memory::data_type::f32, dims{1, s.o, kh_stride, kw_stride});
+  int64_t og = s.o / s.groups;
+  return memory::desc({s.groups, og, s.i, s.kh, s.kw}, memory::data_type::f32,
+                      dims{og, 1, s.o, kh_stride, kw_stride});
+}
+
+memory::desc Any(const memory::desc& plain) { return memory::desc(plain.get_dims(), memory::data_type::f32, tag::any); }
+
+// One tensor of a call: how XLA holds it, how the primitive wants it, and the reorder between.
+struct Slot {
+  memory::desc user, prim;
+  int arg = 0;
+  bool reorder = false;
+  dnnl::reorder to_prim_or_back;  // user -> prim for inputs, prim -> user for the output
+};
+
+struct Entry {
+  dnnl::primitive primitive;
+  memory::desc scratchpad;
+  std::array<Slot, 3> slots;  // two inputs, then the output
+  std::string impl;           // oneDNN's name for the implementation it chose
+};
+
+void SetSlot(Slot& slot, const memory::desc& user, const memory::desc& prim, int arg, bool is_output) {
+  slot.user = user;
+  slot.prim = prim;
+  slot.arg = arg;
+  slot.reorder = prim != user;
+  if (slot.reorder) {
+    auto& e = Engine();
+    slot.to_prim_or_back = is_output ? dnnl::reorder(dnnl::reorder::primitive_desc(e, prim, e, user))
+                                     : dnnl::reorder(dnnl::reorder::primitive_desc(e, user, e, prim));
+  }
+}
+
+std::unique_ptr<Entry> Build(Kind kind, const Shape& s) {
+  auto& e = Engine();
+  memory::desc x = Nhwc(s.n, s.c, s.h, s.w), y = Nhwc(s.n, s.o, s.oh, s.ow), w = Hwio(s);
+  memory::desc xa = s.layout == 1 ? Any(x) : x, ya = s.layout == 1 ? Any(y) : y, wa = Any(w);
+  dims strides{s.sh, s.sw}, lo{s.plh, s.plw}, hi{s.phh, s.phw};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto entry = std::make_unique<Entry>();
+  auto algo = dnnl::algorithm::convolution_direct;
+  if (kind == kFwd) {
+    dnnl::convolution_forward::primitive_desc pd(e, dnnl::prop_kind::forward_training, algo, xa, wa, ya,
+                                                 strides, lo, hi, attr);
+    SetSlot(entry->slots[0], x, pd.src_desc(), DNNL_ARG_SRC, false);
+    SetSlot(entry->slots[1], w, pd.weights_desc(), DNNL_ARG_WEIGHTS, false);
+    SetSlot(entry->slots[2], y, pd.dst_desc(), DNNL_ARG_DST, true);
+    entry->scratchpad = pd.scratchpad_desc();
+    entry->impl = pd.impl_info_str();
+    entry->primitive = dnnl::convolution_forward(pd);
+    return entry;
+  }
+  dnnl::convolution_forward::primitive_desc hint(e, dnnl::prop_kind::forward_training, algo, xa, wa, ya,
+                                                 strides, lo, hi);
+  if (kind == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc pd(e, algo, xa, wa, ya, strides, lo, hi, hint, attr);
+    SetSlot(entry->slots[0], y, pd.diff_dst_desc(), DNNL_ARG_DIFF_DST, false);
+    SetSlot(entry->slots[1], w, pd.weights_desc(), DNNL_ARG_WEIGHTS, false);
+    SetSlot(entry->slots[2], x, pd.diff_src_desc(), DNNL_ARG_DIFF_SRC, true);
+    entry->scratchpad = pd.scratchpad_desc();
+    entry->impl = pd.impl_info_str();
+    entry->primitive = dnnl::convolution_backward_data(pd);
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(e, algo, xa, wa, ya, strides, lo, hi, hint, attr);
+    SetSlot(entry->slots[0], x, pd.src_desc(), DNNL_ARG_SRC, false);
+    SetSlot(entry->slots[1], y, pd.diff_dst_desc(), DNNL_ARG_DIFF_DST, false);
+    SetSlot(entry->slots[2], w, pd.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS, true);
+    entry->scratchpad = pd.scratchpad_desc();
+    entry->impl = pd.impl_info_str();
+    entry->primitive = dnnl::convolution_backward_weights(pd);
+  }
+  return entry;
+}
+
+const Entry& Lookup(Kind kind, const Shape& s) {
+  using Key = std::array<int64_t, 19>;
+  static std::mutex mutex;
+  static std::map<Key, std::unique_ptr<Entry>> cache;
+  Key key{kind, s.n, s.h, s.w, s.c, s.kh, s.kw, s.i, s.o, s.oh, s.ow, s.sh, s.sw, s.plh, s.plw, s.phh, s.phw,
+          s.groups, s.layout};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found == cache.end()) found = cache.emplace(key, Build(kind, s)).first;  // under the lock: once per shape
+  return *found->second;
+}
+
+// A per-thread buffer that grows to the largest size asked of it (64-byte aligned).
+struct Buffer {
+  void* data = nullptr;
+  size_t size = 0;
+  void* Get(size_t want) {
+    if (want > size) {
+      std::free(data);
+      size = (want + 4095) & ~size_t{4095};
+      data = std::aligned_alloc(64, size);
+    }
+    return data;
+  }
+  ~Buffer() { std::free(data); }
+};
+
+ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
+  const Entry* entry;
+  try {
+    entry = &Lookup(kind, s);
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN primitive: ") + err.what());
+  }
+  thread_local std::array<Buffer, 4> buffers;
+  thread_local dnnl::stream stream(Engine());
+  void* data[3] = {in0, in1, out};
+  std::unordered_map<int, memory> args;
+  try {
+    for (int k = 0; k < 3; ++k) {
+      const Slot& slot = entry->slots[k];
+      memory user(slot.user, Engine(), data[k]);
+      if (!slot.reorder) {
+        args.emplace(slot.arg, user);
+        continue;
+      }
+      memory prim(slot.prim, Engine(), buffers[k].Get(slot.prim.get_size()));
+      if (k < 2) slot.to_prim_or_back.execute(stream, user, prim);
+      args.emplace(slot.arg, prim);
+    }
+    if (entry->scratchpad.get_size() > 0)
+      args.emplace(DNNL_ARG_SCRATCHPAD,
+                   memory(entry->scratchpad, Engine(), buffers[3].Get(entry->scratchpad.get_size())));
+    entry->primitive.execute(stream, args);
+    const Slot& result = entry->slots[2];
+    if (result.reorder) {
+      memory user(result.user, Engine(), out);
+      result.to_prim_or_back.execute(stream, args.at(result.arg), user);
+    }
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN execute: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+                ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                int64_t groups, int64_t layout) {
+  return Shape{x[0], x[1], x[2], x[3], w[0], w[1], w[2], w[3], y[1], y[2], strides[0], strides[1],
+               lo[0], lo[1], hi[0], hi[1], groups, layout};
+}
+
+using F32 = ffi::Buffer<ffi::F32, 4>;
+using Ints = ffi::Span<const int64_t>;
+
+ffi::Error ConvFwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32, 4> y, Ints strides, Ints lo, Ints hi,
+                   int64_t groups, int64_t layout) {
+  Shape s = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), strides, lo, hi, groups, layout);
+  return Run(kFwd, x.untyped_data(), w.untyped_data(), y->untyped_data(), s);
+}
+
+ffi::Error ConvBwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32, 4> dx, Ints strides, Ints lo, Ints hi,
+                       int64_t groups, int64_t layout) {
+  Shape s = MakeShape(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, lo, hi, groups, layout);
+  return Run(kBwdData, dy.untyped_data(), w.untyped_data(), dx->untyped_data(), s);
+}
+
+ffi::Error ConvBwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, Ints strides, Ints lo, Ints hi,
+                          int64_t groups, int64_t layout) {
+  Shape s = MakeShape(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, lo, hi, groups, layout);
+  return Run(kBwdWeights, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), s);
+}
+
+}  // namespace
+
+#define FCNZOO_CONV_BINDING                                                        \
+  ffi::Ffi::Bind()                                                                          \
+      .Arg<F32>()                                                                           \
+      .Arg<F32>()                                                                           \
+      .Ret<ffi::Buffer<ffi::F32, 4>>()                                                      \
+      .Attr<Ints>("strides")                                                                \
+      .Attr<Ints>("pad_lo")                                                                 \
+      .Attr<Ints>("pad_hi")                                                                 \
+      .Attr<int64_t>("groups")                                                              \
+      .Attr<int64_t>("layout")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_fwd, ConvFwd, FCNZOO_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_bwd_data, ConvBwdData, FCNZOO_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_bwd_weights, ConvBwdWeights, FCNZOO_CONV_BINDING);
+
+// Builds (and caches) the primitive for one convolution ahead of its first run, so that a shape
+// oneDNN does not take is known at trace time. shape: the 18 fields of Shape, in order. Writes
+// the implementation's name (e.g. "brg:avx2", "jit:avx2", "gemm:jit") into impl; returns 0 on
+// success, 1 if oneDNN refuses the shape (its message in impl).
+extern "C" int fcnzoo_onednn_prepare(int64_t kind, const int64_t* shape, char* impl, int64_t impl_size) {
+  Shape s;
+  std::copy(shape, shape + 18, &s.n);
+  std::string info;
+  int status = 0;
+  try {
+    info = Lookup(static_cast<Kind>(kind), s).impl;
+  } catch (const std::exception& err) {
+    info = err.what();
+    status = 1;
+  }
+  if (impl_size > 0) {
+    size_t n = std::min<size_t>(info.size(), impl_size - 1);
+    std::copy(info.begin(), info.begin() + n, impl);
+    impl[n] = '\0';
+  }
+  return status;
+}
+
+// The oneDNN version this library runs with, as major * 10000 + minor * 100 + patch.
+extern "C" int fcnzoo_onednn_version() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
