@@ -22,13 +22,32 @@ from train import loop, tasks
 from train.config import TrainConfig
 
 
-def measure(config: TrainConfig, steps: int, image_shape=(28, 28, 1), num_classes: int = 10) -> dict:
-    """Compile and time the loop's train step for `config` on random uint8 images of `image_shape`."""
+def synthetic_task(config: TrainConfig, image_shape=None, num_classes: int | None = None) -> tasks.Classification:
+    """The classification task of `config` with its images and labels replaced by random ones of
+    `image_shape` (H, W, C) and `num_classes` (default: the data set's): ImageNet-sized benchmarks
+    run the loop's own step without the data set."""
+    task = tasks.Classification(config)
+    if image_shape is not None:
+        task.image_shape = tuple(image_shape)
+        channels = task.image_shape[-1]
+        task.preprocessing = {**task.preprocessing, "mean": [0.5] * channels, "std": [0.25] * channels}
+    if num_classes is not None:
+        task.num_classes = int(num_classes)
+    return task
+
+
+def measure(config: TrainConfig, steps: int, image_shape=None, num_classes: int | None = None) -> dict:
+    """Compile and time the loop's train step for `config` on random uint8 images.
+
+    image_shape / num_classes: (H, W, C) and classes of the random data and of the model built for it
+    (default: the data set's). Returns temp memory, compile seconds, ms per step, the step's FLOPs
+    (XLA's cost analysis of the compiled step; None where the backend gives none) and the last loss.
+    """
+    task = synthetic_task(config, image_shape, num_classes)
     n = config.batch_size * 4
     rng = np.random.default_rng(0)
-    data = jax.device_put((rng.integers(0, 256, (n, *image_shape), dtype=np.uint8),
-                           rng.integers(0, num_classes, (n,), dtype=np.int32)))
-    task = tasks.make_task(config)
+    data = jax.device_put((rng.integers(0, 256, (n, *task.image_shape), dtype=np.uint8),
+                           rng.integers(0, task.num_classes, (n,), dtype=np.int32)))
     model = task.build()
     model.eval()
     eval_graphdef = loop.split_model(model)[0]
@@ -47,6 +66,7 @@ def measure(config: TrainConfig, steps: int, image_shape=(28, 28, 1), num_classe
     compiled = fns.train_steps.lower(state, data, order, 1).compile()
     compile_seconds = time.perf_counter() - start
     temp = compiled.memory_analysis().temp_size_in_bytes
+    flops = step_flops(compiled)
     state, metrics = compiled(state, data, order)
     metrics.block_until_ready()
     start = time.perf_counter()
@@ -56,7 +76,20 @@ def measure(config: TrainConfig, steps: int, image_shape=(28, 28, 1), num_classe
     seconds = (time.perf_counter() - start) / steps
     return {"temp_MiB": round(temp / 2**20, 1), "compile_s": round(compile_seconds, 1),
             "ms_per_step": round(1e3 * seconds, 1), "steps_per_s": round(1 / seconds, 2),
+            "images_per_s": round(config.batch_size / seconds, 1), "flops_per_step": flops,
             "loss": float(metrics[0, 0])}
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if it has none)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - backends without a cost model raise different errors
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
 
 
 def main() -> None:
