@@ -38,9 +38,9 @@ from zoo.importers.loading import head_dense_paths
 from zoo.importers.torch import torch_layout
 
 
-def batchnorm(channels: int, zoo_momentum: float, eps: float) -> nn.BatchNorm2d:
-    """nn.BatchNorm2d with the zoo's conventions: momentum m there is 1 - m here."""
-    return nn.BatchNorm2d(channels, eps=eps, momentum=1.0 - zoo_momentum)
+def batchnorm(channels: int, momentum: float, eps: float) -> nn.BatchNorm2d:
+    """nn.BatchNorm2d with the zoo's conventions: the zoo's (Flax's) momentum m is PyTorch's 1 - m."""
+    return nn.BatchNorm2d(channels, eps=eps, momentum=1.0 - momentum)
 
 
 def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -344,7 +344,9 @@ class MnistNet(nn.Module):
         self.features = nn.Module()
         self.features.layers = nn.Sequential(*layers)
         self.head = nn.Module()
-        self.head.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear((h // 4) * (w // 4) * channels, num_classes))
+        dense = nn.Linear((h // 4) * (w // 4) * channels, num_classes)
+        # As the zoo's dense_head: no Dropout layer at rate 0, so the Linear is head.layers.0 then.
+        self.head.layers = nn.Sequential(nn.Dropout(dropout), dense) if dropout > 0 else nn.Sequential(dense)
 
     def forward(self, x):
         x = self.features.layers(x)
@@ -428,7 +430,10 @@ def torch_state_dict(zoo_model: nnx.Module, arch: str) -> dict[str, torch.Tensor
         last_conv = None
         for entry in torch_layout(arch):
             target = heads[int(entry.target.split(":")[1])] if entry.target.startswith("head:") else entry.target
-            module = modules[target]
+            module = modules.get(target)
+            if module is None:  # the table follows the registered variant's depths and layer list
+                raise ValueError(f"{arch}: the zoo model has no {target} (torchvision's {entry.prefix}); options "
+                                 f"that change depth or the layer table do not fit the importer's table")
             if isinstance(module, nnx.Conv):
                 last_conv = module
             kind = "bn" if entry.kind == "bn" else entry.kind
@@ -438,7 +443,7 @@ def torch_state_dict(zoo_model: nnx.Module, arch: str) -> dict[str, torch.Tensor
         for path, module in modules.items():
             kind = "conv" if isinstance(module, nnx.Conv) else "linear"
             flat.update({f"{path}.{k}": v for k, v in _tensors(module, kind).items()})
-    return {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32))) for k, v in flat.items()}
+    return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in flat.items()}
 
 
 def load_zoo_weights(torch_model: nn.Module, zoo_model: nnx.Module, arch: str) -> nn.Module:

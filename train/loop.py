@@ -266,11 +266,16 @@ def make_functions(config: TrainConfig, task, *, train_graphdef, eval_graphdef, 
             (loss, (counts, other, metric)), grads = grad_fn(state["params"], counts, other, *inputs)
             return (counts, other, jax.tree.map(jnp.add, grad_sum, grads)), (loss, metric)
 
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        xs = (x.reshape(k, micro, *x.shape[1:]), y.reshape(k, micro, *y.shape[1:]))
-        (counts, other, grad_sum), (losses, metrics) = jax.lax.scan(
-            micro_step, (state["rng_counts"], state["other"], zeros), xs)
-        grads = jax.tree.map(lambda g: g / k, grad_sum)
+        if k == 1:  # no loop: XLA:CPU compiles a step inside a scan into slower code (see train_steps)
+            (loss, (counts, other, metric)), grads = grad_fn(state["params"], state["rng_counts"], state["other"],
+                                                             x, y)
+            losses, metrics = loss[None], metric[None]
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            xs = (x.reshape(k, micro, *x.shape[1:]), y.reshape(k, micro, *y.shape[1:]))
+            (counts, other, grad_sum), (losses, metrics) = jax.lax.scan(
+                micro_step, (state["rng_counts"], state["other"], zeros), xs)
+            grads = jax.tree.map(lambda g: g / k, grad_sum)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"step": step + 1, "params": params, "rng_counts": counts, "other": other,
@@ -283,6 +288,12 @@ def make_functions(config: TrainConfig, task, *, train_graphdef, eval_graphdef, 
         return new_state, jnp.stack([losses.mean(), metrics.mean(), schedule(step)])
 
     def train_steps(state, arrays, order, n):
+        if n == 1:
+            # One update, not a scan of length one: XLA:CPU compiles the same step inside a scan into
+            # slower code even when the loop is unrolled (EfficientNet-B0's step 4x slower, an MNIST
+            # net's 2.5x; docs/BENCHMARKS.md, "Against PyTorch"). steps_per_call > 1 still loops.
+            state, metrics = one_update(state, arrays, order)
+            return state, metrics[None]
         return jax.lax.scan(lambda s, _: one_update(s, arrays, order), state, None, length=n)
 
     def evaluate(params, other, images, labels, mask):
