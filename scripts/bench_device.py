@@ -194,8 +194,10 @@ def section_torch(sizes: Sizes, smoke: bool) -> dict:
     import jax
 
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    # The smoke run leaves torch.compile out: its compilations (10-15 s each on a CPU) are the whole cost.
     return bench_vs_torch.run_table(sizes.torch_models.split(","), device=device, quick=smoke,
-                                    repeats=3 if smoke else 10)
+                                    repeats=3 if smoke else 10, compile_torch=not smoke,
+                                    log=lambda *args: print(*args, file=sys.stderr))
 
 
 def section_dense(sizes: Sizes) -> dict:

@@ -30,10 +30,14 @@ def test_every_section_runs_at_tiny_sizes(tmp_path):
         assert sections["train"]["rows"][dtype]["images_per_s"] > 0
         assert sections["train"]["rows"][dtype]["flops_per_step"] > 0
         assert sections["infer"]["rows"][dtype]["images_per_s"] > 0
+    torch_checks = sections["torch"]["checks"]
+    assert [check["model"] for check in torch_checks] == ["mnistnet"]
+    assert torch_checks[0]["rel"] <= 1e-5  # our logits against PyTorch's on the same weights
+    assert {row["mode"] for row in sections["torch"]["rows"]} == {"infer", "train"}
     dense = sections["dense"]
     assert {(row["dtype"], row["side"]) for row in dense["rows"]} == {
         (dtype, side) for dtype in ("float32", "bfloat16") for side in report["sizes"]["dense_sides"]}
     assert 1 <= dense["stream"]["compilations"] <= dense["stream"]["images"]
     assert sections["segment"]["seconds_per_image"] > 0
-    for run in sections["mnist"].values():
+    for run in (sections["mnist"]["time_to_99"], sections["mnist"]["time_to_995"]):
         assert 0 <= run["final_accuracy"] <= 1 and run["whole_run_seconds"] > 0
