@@ -34,6 +34,7 @@ from flax import nnx
 from convert.geometry import Geometry, walk_geometry
 from convert.trace import (ConversionError, NotAChain, Step, _shape_of, activation_name, forward_steps,
                            is_composite, is_elementwise, is_per_position, layer_label, pool_kind, read_traced)
+from zoo import cpu_conv
 from zoo.classifier import check_images
 from zoo.layers import Activation, AvgPool
 from zoo.stages import Stage, find_stages
@@ -111,6 +112,7 @@ class FCN(nnx.Module):
         self.source = source
         self.stages_json = json.dumps([s.to_dict() for s in stages])
         self._geometry: tuple | None = None
+        cpu_conv.use_cpu_conv(self)  # the head's new convolutions (fc6 as a conv) too; zoo/cpu_conv.py
 
     @property
     def stages(self) -> list[Stage]:

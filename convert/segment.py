@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from convert.fcn import FCN
+from zoo import cpu_conv
 from zoo.layers import AvgPool
 from zoo.saving import SEGMENTATION_CONFIG, SEGMENTATION_FORMAT
 from zoo.stages import Stage, backbone_steps, stage_maps
@@ -218,6 +219,7 @@ class SegmentationFCN(nnx.Module):
         self.upsample = nnx.List([TransposedConv(num_classes, a // b) for a, b in itertools.pairwise(strides)])
         self.final_factor = strides[-1]
         self.final_upsample = TransposedConv(num_classes, strides[-1]) if strides[-1] > 1 else None
+        cpu_conv.use_cpu_conv(self)  # the score and skip convolutions; zoo/cpu_conv.py
 
     # -- structure -------------------------------------------------------------------------------
     @property

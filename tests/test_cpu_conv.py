@@ -27,6 +27,16 @@ def every_size_takes_the_fast_path(monkeypatch):
     monkeypatch.setattr(cpu_conv, "MIN_POOL_SIZE", 0)
 
 
+@pytest.fixture(params=["onednn", "xla-paths"])
+def paths(request):
+    """Run a test with zoo's oneDNN convolutions (where built; zoo/onednn.py) and without them."""
+    if request.param == "onednn":
+        yield
+    else:
+        with cpu_conv.without_onednn():
+            yield
+
+
 def value_and_grads(conv, x, w, strides, padding):
     def loss(x, w):  # a nonlinear read-out so every output element gets its own cotangent
         return jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC)).sum()
@@ -43,7 +53,7 @@ def value_and_grads(conv, x, w, strides, padding):
     (9, 40, 24, 1, 2, "SAME"),           # strided 1x1 (ResNet shortcut)
     (9, 4, 4, 5, 1, ((2, 1), (0, 3))),   # explicit, asymmetric padding
 ])
-def test_conv_matches_xla(size, cin, cout, kernel, stride, padding):
+def test_conv_matches_xla(size, cin, cout, kernel, stride, padding, paths):
     kx, kw = jax.random.split(jax.random.key(size * cin + kernel))
     x = jax.random.normal(kx, (3, size, size + 1, cin))
     w = jax.random.normal(kw, (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
@@ -56,7 +66,7 @@ def test_conv_matches_xla(size, cin, cout, kernel, stride, padding):
 
 
 @pytest.mark.parametrize("size, channels, kernel, stride", [(9, 6, 3, 1), (9, 6, 3, 2), (10, 4, 5, 2)])
-def test_depthwise_conv_matches_xla(size, channels, kernel, stride):
+def test_depthwise_conv_matches_xla(size, channels, kernel, stride, paths):
     kx, kw = jax.random.split(jax.random.key(size + kernel))
     x = jax.random.normal(kx, (2, size, size, channels))
     w = jax.random.normal(kw, (kernel, kernel, 1, channels))

@@ -157,8 +157,8 @@ def fast_mnist(seed: int = 0) -> TrainConfig:
     return TrainConfig(
         model="mnistnet", dataset="mnist",
         model_kwargs={"widths": (16, 32, 64), "convs_per_stage": (1, 1, 1), "dropout": 0.0},
-        epochs=1, batch_size=256, optimizer="adamw", learning_rate=1e-2, schedule="onecycle",
-        warmup_epochs=0.2, weight_decay=1e-4, ema_decay=0.98, seed=seed, progress=False,
+        epochs=1, batch_size=128, optimizer="adamw", learning_rate=1.5e-2, schedule="onecycle",
+        warmup_epochs=0.3, weight_decay=1e-4, label_smoothing=0.1, ema_decay=0.98, seed=seed, progress=False,
     )
 
 

@@ -13,7 +13,10 @@ Measured on the 2-core machine of docs/BENCHMARKS.md (batch 8 at 56x56 unless no
     forward and backward (1 ms instead of 6 ms forward for 1->16 at 28x28, batch 128);
   - depthwise convolutions (EfficientNet, Xception) run as a sum of shifted views times
     per-channel weights: 8 ms instead of 198 ms forward for 3x3 over 112x112x32;
-  - max-pooling's gradient skips select-and-scatter (`max_pool`, used by `zoo.layers.MaxPool`).
+  - max-pooling's gradient skips select-and-scatter (`max_pool`, used by `zoo.layers.MaxPool`);
+  - in a training step, oneDNN (zoo/onednn.py, when built) runs most forward convolutions and their
+    input and kernel gradients, depthwise ones included (`_onednn_plan` says which, and why);
+    inference keeps the XLA paths above, which XLA:CPU fuses with their neighbours.
 Other convolutions keep XLA's forward kernel and input gradient, and so do small ones
 (`MIN_WORK`). Whole models, side by side:
 scripts/bench_cpu_conv.py (ResNet-50 training step 1.9x, EfficientNet-B0 5.8x, Xception 4.1x).
@@ -40,7 +43,10 @@ from flax import nnx
 from jax import export, lax
 from jax.errors import InconclusiveDimensionOperation
 
+from zoo import onednn
+
 _ENABLED = [True]
+_ONEDNN = [True]
 
 
 def _dim(size):
@@ -80,6 +86,17 @@ def xla_ops_only():
         _ENABLED[0] = True
 
 
+@contextlib.contextmanager
+def without_onednn():
+    """Within this block, trace convolutions with zoo's XLA paths only (no oneDNN custom calls):
+    the reference side of scripts/bench_onednn.py. Acts at trace time, like `xla_ops_only`."""
+    _ONEDNN[0] = False
+    try:
+        yield
+    finally:
+        _ONEDNN[0] = True
+
+
 # Below this many multiply-adds (for pooling: input elements) an operation stays XLA's own:
 # it is fast enough there, and fewer, larger operations compile faster (the test suite's
 # EfficientNet-B0 forward/backward at 32x32 compiles in 12 s instead of 24 s).
@@ -98,7 +115,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and _is_nhwc(dimension_numbers, lhs.ndim))
     depthwise = feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
-    if not plain or (feature_group_count != 1 and not depthwise):
+    if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
     strides = tuple(int(s) for s in window_strides)
@@ -110,9 +127,47 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         # Small (or empty: zoo.output_shape probes too-small inputs) convolutions: XLA's op.
         return _xla_conv(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
                          feature_group_count=feature_group_count, precision=precision)
+    if (_ONEDNN[0] and all(s == 1 for s in rhs.shape[:2]) and any(s != 1 for s in strides)
+            and all(_is_zero(p) for p in sum(pads, ())) and not any(map(export.is_symbolic_dim, lhs.shape))
+            and onednn.available()):
+        # A strided 1x1 convolution (ResNet's shortcuts) reads every s-th pixel: slice them, then
+        # convolve with stride 1, which oneDNN runs faster than strided (autodiff pads the gradient back).
+        lhs = lhs[:, ::strides[0], ::strides[1], :]
+        strides = (1, 1)
+    plan = _onednn_plan(lhs, rhs, strides, pads, feature_group_count)
+    if plan is not None and feature_group_count != 1:
+        return _grouped(lhs, rhs, strides, pads, feature_group_count, plan[0])
+    if feature_group_count != 1 and not depthwise:  # other grouped convolutions: XLA's
+        return _xla_conv(lhs, rhs, strides, pads, dimension_numbers=dimension_numbers,
+                         feature_group_count=feature_group_count, precision=precision)
     if depthwise:
         return _depthwise(lhs, rhs, strides, pads)
-    return _conv(lhs, rhs, strides, pads, precision)
+    return _conv(lhs, rhs, strides, pads, precision, plan or (False, False, False))
+
+
+def _onednn_plan(x, w, strides, pads, groups):
+    """Which of (forward, input gradient, kernel gradient) oneDNN runs in a training step, or None
+    for none of them (inference keeps zoo's XLA paths: see `_conv`).
+
+    From scripts/bench_onednn.py (batch 8, ResNet/VGG/EfficientNet/Xception/MNIST layers; current
+    path time / oneDNN's): oneDNN's forward is 1.1-1.4x faster on 3x3 and 1x1 kernels and 2.5x
+    on an FCN's 7x7x512->4096 fc6, its input gradient 1.1-3.3x, its kernel gradient 1.6-4.5x
+    (3.4x on a 3x3 64->64 at 56x56); depthwise 1.3-2.3x forward, 1.3-16x and 4-11x backward. It
+    loses on a few-channel 7x7/2 stem forward (0.56x: XLA's convolution stays), on the input
+    gradient of a one-channel 3x3 (0.27x: the im2col product's stays; a first layer's input
+    gradient is rarely needed) and on the kernel gradient of narrow layers over small maps with
+    a large batch (MNIST's 16->32 at 14x14 0.43x, 32->64 at 7x7 0.61x: the per-tap products stay).
+    """
+    if not _ONEDNN[0] or not onednn.supports(x, w, strides, pads, groups):
+        return None
+    if groups != 1:
+        return True, True, True
+    kh, kw, cin, cout = w.shape
+    im2col = kh * kw * cin <= IM2COL_MAX_DEPTH
+    forward = not (cin < 8 and not im2col)
+    input_grad = not im2col or kh == kw == 1
+    kernel_grad = im2col or cin * cout >= 4096
+    return forward, input_grad, kernel_grad
 
 
 def _xla_conv(x, w, strides, pads, **kwargs):
@@ -157,13 +212,24 @@ def _uses_dot(kernel_shape) -> bool:
     return kh == kw == 1 or kh * kw * cin <= IM2COL_MAX_DEPTH
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, pads, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, plan):
+    """The convolution; plan: whether oneDNN runs the (forward, input gradient, kernel gradient) of a
+    training step. Not differentiated (inference), it is zoo's XLA path: XLA:CPU fuses those
+    convolutions with their neighbours (YNNPACK; a whole VGG-16 backbone becomes one fusion), which
+    a custom call would split (VGG-16 inference 0.56x with oneDNN's forward, EfficientNet-B0 0.61x).
+    Large kernels over many channels (an FCN's fc6, 7x7x512->4096) are the exception: oneDNN's
+    forward is 2.5x faster there, and a VGG-16 FCN's inference at 448x448 1.1x."""
+    kh, kw, cin, _ = w.shape
+    if plan[0] and kh * kw >= 25 and cin >= 256:
+        return onednn.forward(x, w, strides, pads)
     return _forward(x, w, strides, pads, precision)
 
 
-def _forward(x, w, strides, pads, precision):
+def _forward(x, w, strides, pads, precision, use_onednn=False):
     kh, kw, cin, cout = w.shape
+    if use_onednn:
+        return onednn.forward(x, w, strides, pads)
     if not _uses_dot(w.shape):
         return _xla_conv(x, w, strides, pads, dimension_numbers=_DN, precision=precision)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
@@ -172,17 +238,24 @@ def _forward(x, w, strides, pads, precision):
     return jnp.dot(patches, w.reshape(kh * kw * cin, cout), precision=precision)
 
 
-def _conv_fwd(x, w, strides, pads, precision):
-    return _forward(x, w, strides, pads, precision), (x, w)
+def _conv_fwd(x, w, strides, pads, precision, plan):
+    return _forward(x, w, strides, pads, precision, plan[0]), (x, w)
 
 
-def _conv_bwd(strides, pads, precision, residuals, dy):
+def _conv_bwd(strides, pads, precision, plan, residuals, dy):
     x, w = residuals
     kh, kw, cin, cout = w.shape
-    # The input gradient of either forward form, as autodiff writes it (a transposed
-    # convolution, or a matrix product and a strided pad).
-    _, input_grad = jax.vjp(lambda x: _forward(x, w, strides, pads, precision), x)
-    (dx,) = input_grad(dy)
+    if plan[1]:
+        dx = onednn.input_grad(dy, w, x.shape, strides, pads)
+    elif _uses_dot(w.shape) or any(export.is_symbolic_dim(d) for d in (*x.shape, *dy.shape)):
+        # The input gradient of the matrix-product form as autodiff writes it (a product and a
+        # strided pad); under symbolic sizes the transposed convolution autodiff writes.
+        _, input_grad = jax.vjp(lambda x: _forward(x, w, strides, pads, precision), x)
+        (dx,) = input_grad(dy)
+    else:
+        dx = _transposed_conv(dy, w, x.shape[1:3], strides, pads, precision)
+    if plan[2]:
+        return dx.astype(x.dtype), onednn.kernel_grad(x, dy, w.shape, strides, pads)
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     if any(export.is_symbolic_dim(d) for d in dy.shape):
         # lax cannot always prove a symbolic N*H*W >= 0 for a reshape: contract over (N, H, W) as they are.
@@ -199,7 +272,51 @@ def _conv_bwd(strides, pads, precision, residuals, dy):
     return dx.astype(x.dtype), dw.reshape(kh, kw, cin, cout).astype(w.dtype)
 
 
+def _transposed_conv(dy, w, in_hw, strides, pads, precision):
+    """dx of y = conv(x, w) (NHWC, HWIO): dy (N, Ho, Wo, O) -> (N, H, W, I), one convolution of the
+    stride-dilated dy with the flipped kernel, its I and O swapped in memory.
+
+    Autodiff writes the same convolution with the swap in its dimension numbers (kernel "01oi"),
+    and where the step runs inside a loop (`lax.scan`: train.loop runs every update in one) XLA:CPU
+    keeps that form, which its fast convolution does not take: the generic loop it falls back to
+    made an MNIST net's training step 2.5x slower. The optimization barrier keeps XLA from folding
+    the transpose back into the dimension numbers.
+    """
+    kh, kw = w.shape[:2]
+    flipped = lax.optimization_barrier(jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)))
+    padding = []
+    for size, k, s, (lo, _), out in zip(in_hw, (kh, kw), strides, pads, dy.shape[1:3]):
+        before = k - 1 - lo
+        padding.append((before, size + k - 1 - ((out - 1) * s + 1) - before))
+    return lax.conv_general_dilated(dy, flipped, (1, 1), padding, lhs_dilation=strides, dimension_numbers=_DN,
+                                    precision=precision)
+
+
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _grouped(x, w, strides, pads, groups, onednn_forward):
+    """A grouped (or depthwise) convolution whose gradients are oneDNN's; its forward in a training
+    step too when onednn_forward. Not differentiated (inference), zoo's XLA path (see `_conv`)."""
+    if groups == x.shape[-1] == w.shape[-1]:
+        return _depthwise(x, w, strides, pads)
+    return _xla_conv(x, w, strides, pads, dimension_numbers=_DN, feature_group_count=groups)
+
+
+def _grouped_fwd(x, w, strides, pads, groups, onednn_forward):
+    if onednn_forward:
+        return onednn.forward(x, w, strides, pads, groups), (x, w)
+    return _grouped(x, w, strides, pads, groups, False), (x, w)
+
+
+def _grouped_bwd(strides, pads, groups, onednn_forward, residuals, dy):
+    x, w = residuals
+    return (onednn.input_grad(dy, w, x.shape, strides, pads, groups),
+            onednn.kernel_grad(x, dy, w.shape, strides, pads, groups))
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def _depthwise(x, w, strides, pads):

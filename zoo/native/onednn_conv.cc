@@ -7,9 +7,10 @@
 // Attributes: strides, pad_lo, pad_hi (2 each), groups, layout. The third tensor's shape is the
 // result's. layout 0: activations stay NHWC (oneDNN's nxc kernels), the kernel goes to the
 // primitive's own blocked format; layout 1: every tensor in the primitive's chosen format, reordered
-// from and to NHWC/HWIO at the boundaries. Primitives are built once per shape and kept (a
-// mutex-guarded cache); a primitive may run on several threads at once, so scratchpads and
-// reorder buffers are per call (per-thread buffers that grow).
+// from and to NHWC/HWIO at the boundaries (measured no faster here; scripts/bench_onednn.py
+// --layout 1). Primitives are built once per shape and kept (a mutex-guarded cache); scratchpads
+// and reorder buffers are per thread. oneDNN here is its OpenMP build: each primitive runs on
+// every core, so calls run one at a time (FCNZOO_ONEDNN_SERIAL=0 lets XLA overlap them).
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -17,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -141,19 +143,30 @@ const Entry& Lookup(Kind kind, const Shape& s) {
   return *found->second;
 }
 
-// A per-thread buffer that grows to the largest size asked of it (64-byte aligned).
+// A per-thread buffer that grows to the largest size asked of it (64-byte aligned), kept between
+// calls (fresh memory costs page faults) unless it is large (an FCN's fc6 kernel is 400 MB).
 struct Buffer {
+  static constexpr size_t kKeep = size_t{64} << 20;
   void* data = nullptr;
   size_t size = 0;
   void* Get(size_t want) {
     if (want > size) {
-      std::free(data);
+      Release();
       size = (want + 4095) & ~size_t{4095};
       data = std::aligned_alloc(64, size);
+      if (data == nullptr) throw std::bad_alloc();
     }
     return data;
   }
-  ~Buffer() { std::free(data); }
+  void Release() {
+    std::free(data);
+    data = nullptr;
+    size = 0;
+  }
+  void Trim() {
+    if (size > kKeep) Release();
+  }
+  ~Buffer() { Release(); }
 };
 
 ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
@@ -163,6 +176,15 @@ ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
   } catch (const std::exception& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN primitive: ") + err.what());
   }
+  // XLA may run two custom calls at once on its own threads; each oneDNN primitive already uses
+  // every core (OpenMP), so one at a time: two would oversubscribe the cores.
+  static const bool serial = [] {
+    const char* v = std::getenv("FCNZOO_ONEDNN_SERIAL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  static std::mutex running;
+  std::unique_lock<std::mutex> one_at_a_time(running, std::defer_lock);
+  if (serial) one_at_a_time.lock();
   thread_local std::array<Buffer, 4> buffers;
   thread_local dnnl::stream stream(Engine());
   void* data[3] = {in0, in1, out};
@@ -189,9 +211,10 @@ ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
       result.to_prim_or_back.execute(stream, args.at(result.arg), user);
     }
     stream.wait();
-  } catch (const dnnl::error& err) {
+  } catch (const std::exception& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN execute: ") + err.what());
   }
+  for (Buffer& buffer : buffers) buffer.Trim();
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,124 @@
+"""oneDNN convolutions (zoo/onednn.py, zoo/native/onednn_conv.cc) against XLA's, and zoo's fallback without them.
+
+Reference: `lax.conv_general_dilated`, differentiated by JAX, on the same inputs. The library is
+built by scripts/setup-env (scripts/build-onednn); where it is not, the comparisons skip and the
+fallback tests still run.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export, lax
+
+from zoo import cpu_conv, onednn
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="the oneDNN library is not built (scripts/setup-env)")
+
+
+def value_and_grads(conv, x, w, reference=None):
+    """conv's value and (input, kernel) gradients; with a reference conv, both sides from one jit."""
+    def side(conv):
+        # a nonlinear read-out so every output element gets its own cotangent
+        return jax.value_and_grad(lambda x, w: jnp.sin(conv(x, w)).sum(), argnums=(0, 1))
+
+    if reference is None:
+        return jax.jit(side(conv))(x, w)
+    return jax.jit(lambda x, w: (side(conv)(x, w), side(reference)(x, w)))(x, w)
+
+
+def assert_close(ours, ref):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, kernel, cout, strides, pads, groups", [
+    ((2, 13, 10, 5), 3, 7, (2, 2), ((1, 1), (0, 1)), 1),     # odd sizes, strided, asymmetric padding
+    ((2, 9, 11, 3), 7, 8, (2, 2), ((3, 3), (3, 2)), 1),      # a stem: 7x7/2 over 3 channels
+    ((2, 8, 9, 1), 3, 4, (1, 1), ((0, 2), (2, 0)), 1),       # one input channel, asymmetric padding
+    ((1, 9, 9, 16), 7, 32, (1, 1), ((0, 0), (0, 0)), 1),     # fc6-like VALID 7x7
+    ((2, 9, 8, 6), 3, 6, (2, 1), ((1, 1), (1, 1)), 6),       # depthwise, different strides per axis
+    ((2, 8, 8, 8), 3, 12, (1, 1), ((1, 1), (1, 1)), 2),      # two groups
+])
+def test_conv_and_gradients_match_xla(shape, kernel, cout, strides, pads, groups):
+    kx, kw = jax.random.split(jax.random.key(sum(shape) + kernel))
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (kernel, kernel, shape[3] // groups, cout)) / np.sqrt(kernel * kernel * shape[3])
+    assert onednn.supports(x, w, strides, pads, groups)
+    assert_close(*value_and_grads(lambda x, w: onednn.conv(x, w, strides, pads, groups), x, w,
+                                  lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC,
+                                                                        feature_group_count=groups)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("plan", [(True, False, False), (False, True, False), (False, False, True)])
+def test_each_part_can_be_onednn_alone(plan, monkeypatch):
+    # cpu_conv mixes oneDNN's forward, input gradient and kernel gradient with its own paths.
+    monkeypatch.setattr(cpu_conv, "MIN_WORK", 0)
+    monkeypatch.setattr(cpu_conv, "_onednn_plan", lambda *args: plan)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 10, 12))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 12, 8)) / 6
+
+    def conv(x, w):
+        return cpu_conv.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=NHWC)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1)))(x, w))
+    for used, target in zip(plan, onednn._TARGETS.values()):
+        assert (target in jaxpr) == used
+    assert_close(*value_and_grads(conv, x, w, lambda x, w: lax.conv_general_dilated(x, w, (2, 2), "SAME",
+                                                                                     dimension_numbers=NHWC)))
+
+
+@needs_onednn
+def test_training_steps_send_large_convolutions_to_onednn_and_inference_keeps_xla():
+    x = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+    grads = jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1))
+    assert all(target in str(jax.make_jaxpr(grads)(x, w)) for target in onednn._TARGETS.values())
+    assert "fcnzoo_onednn" not in str(jax.make_jaxpr(conv)(x, w))  # inference: XLA fuses its own
+    fc6 = [jax.ShapeDtypeStruct((1, 14, 14, 256), jnp.float32), jax.ShapeDtypeStruct((7, 7, 256, 64), jnp.float32)]
+    assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(conv)(*fc6))  # an FCN's fc6: oneDNN in inference too
+    with cpu_conv.without_onednn():  # a fresh function: JAX caches traces by function
+        assert "fcnzoo_onednn" not in str(jax.make_jaxpr(lambda x, w: grads(x, w))(x, w))
+
+
+def test_symbolic_sizes_keep_zoo_paths():
+    # jax.export with symbolic sizes (zoo export): no custom call, which an export could not carry.
+    h, w = export.symbolic_shape("h, w", constraints=("h >= 64", "w >= 64"))
+    x = jax.ShapeDtypeStruct((8, h, w, 64), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x, k: cpu_conv.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                                          dimension_numbers=NHWC))(x, k))
+    assert "fcnzoo_onednn" not in jaxpr and "custom_vjp" in jaxpr
+
+
+def test_falls_back_with_one_warning_when_the_library_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "LIBRARY", tmp_path / "missing.so")
+    monkeypatch.setattr(onednn, "_state", {})
+    monkeypatch.setattr(cpu_conv, "MIN_WORK", 0)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 16))
+    w = jax.random.normal(jax.random.key(3), (3, 3, 16, 16)) / 12
+
+    def conv(x, w):
+        return cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+    with pytest.warns(UserWarning, match="oneDNN convolutions unavailable") as caught:
+        jaxpr = str(jax.make_jaxpr(conv)(x, w))
+        jax.make_jaxpr(conv)(x, w)  # asked again: no second warning
+    assert len(caught) == 1 and "fcnzoo_onednn" not in jaxpr and onednn.version() is None
+    assert_close(*value_and_grads(conv, x, w, lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                                                     dimension_numbers=NHWC)))
+
+
+def test_environment_variable_turns_it_off_silently(monkeypatch):
+    monkeypatch.setenv("FCNZOO_ONEDNN", "0")
+    monkeypatch.setattr(onednn, "_state", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not onednn.available()

@@ -1,0 +1,164 @@
+"""oneDNN convolutions on CPU, as XLA custom calls (zoo/native/onednn_conv.cc), forward and both gradients.
+
+`conv(x, w, strides, pads, groups)` is a float32 NHWC/HWIO convolution whose forward pass, input
+gradient and kernel gradient are oneDNN primitives (the library PyTorch runs on CPU);
+`zoo.cpu_conv.conv_general_dilated` sends it the convolutions where it is measured faster than
+XLA's (see there). The library is built by scripts/build-onednn (from scripts/setup-env) into
+the virtual environment, next to the oneDNN wheel (onednn-cpu-gomp). Where it is missing or does
+not load, `available()` is False, one warning says why, and zoo keeps its other paths;
+FCNZOO_ONEDNN=0 turns it off (for A/B runs). Only ever used with the CPU backend, and only for
+static shapes (under jax.export's symbolic sizes zoo keeps its XLA paths: an exported module
+could not carry these custom calls).
+
+oneDNN is its OpenMP (GOMP) build, 3.2 (the newer PyPI `onednn` wheels are the SYCL/TBB build,
+with 2 GB of Intel runtimes); each call uses every core (OMP_NUM_THREADS), one call at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LIBRARY = Path(sys.prefix) / "lib" / "fcnzoo-onednn" / "libfcnzoo_onednn.so"
+_TARGETS = {"fwd": "fcnzoo_onednn_conv_fwd", "bwd_data": "fcnzoo_onednn_conv_bwd_data",
+            "bwd_weights": "fcnzoo_onednn_conv_bwd_weights"}
+_KINDS = {"fwd": 0, "bwd_data": 1, "bwd_weights": 2}
+# 0: activations stay NHWC (oneDNN's nhwc kernels), kernels go to oneDNN's blocked format;
+# 1: every tensor in oneDNN's chosen (blocked) format, reordered at the boundaries.
+LAYOUT = 0
+
+_state: dict = {}
+
+
+def _load():
+    """The loaded ctypes library with its targets registered, or None (and one warning)."""
+    if os.environ.get("FCNZOO_ONEDNN", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+        for name in _TARGETS.values():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        lib.fcnzoo_onednn_prepare.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
+                                              ctypes.c_int64]
+        lib.fcnzoo_onednn_prepare.restype = ctypes.c_int
+        return lib
+    except Exception as err:  # noqa: BLE001  (any failure to load or register: fall back, never crash)
+        # One line (no source line under it): where it was asked from does not matter.
+        warnings.warn_explicit(f"oneDNN convolutions unavailable ({err}); zoo uses its XLA paths (build them "
+                               f"with scripts/setup-env, or set FCNZOO_ONEDNN=0 to silence this)",
+                               UserWarning, filename="fcnzoo", lineno=0)
+        return None
+
+
+def available() -> bool:
+    """Whether the oneDNN library is loaded (loading it on first call)."""
+    if "lib" not in _state:
+        _state["lib"] = _load()
+    return _state["lib"] is not None
+
+
+def version() -> str | None:
+    """The oneDNN version the library runs with ('3.2.0'), or None when it is unavailable."""
+    if not available():
+        return None
+    v = _state["lib"].fcnzoo_onednn_version()
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def _shape(x_shape, w_shape, strides, pads, groups, layout):
+    n, h, w, c = x_shape
+    kh, kw, cin, cout = w_shape
+    (plh, phh), (plw, phw) = pads
+    oh, ow = (h + plh + phh - kh) // strides[0] + 1, (w + plw + phw - kw) // strides[1] + 1
+    return (n, h, w, c, kh, kw, cin, cout, oh, ow, *strides, plh, plw, phh, phw, groups, layout)
+
+
+def implementations(x_shape, w_shape, strides, pads, groups=1, layout=None):
+    """oneDNN's implementation names for (forward, input gradient, kernel gradient) of this
+    convolution, building the primitives; None where oneDNN does not take it (or is unavailable)."""
+    if not available():
+        return None
+    return _implementations(tuple(x_shape), tuple(w_shape), tuple(strides), tuple(map(tuple, pads)), groups,
+                            LAYOUT if layout is None else layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _implementations(x_shape, w_shape, strides, pads, groups, layout):
+    fields = (ctypes.c_int64 * 18)(*_shape(x_shape, w_shape, strides, pads, groups, layout))
+    names = []
+    for kind in _KINDS.values():
+        buf = ctypes.create_string_buffer(256)
+        if _state["lib"].fcnzoo_onednn_prepare(kind, fields, buf, len(buf)) != 0:
+            return None
+        names.append(buf.value.decode())
+    return tuple(names)
+
+
+def supports(x, w, strides, pads, groups=1) -> bool:
+    """Whether `conv` takes this convolution: static float32 shapes, non-negative padding, and
+    primitives oneDNN builds with an optimized (not reference) implementation."""
+    if not available() or x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4 or w.ndim != 4:
+        return False
+    sizes = (*x.shape, *w.shape, *sum(pads, ()))
+    if not all(isinstance(d, (int, np.integer)) for d in sizes) or any(p < 0 for p in sum(pads, ())):
+        return False
+    if x.shape[3] != w.shape[2] * groups or w.shape[3] % groups:
+        return False
+    impls = implementations(tuple(x.shape), tuple(w.shape), tuple(strides), tuple(map(tuple, pads)), groups, LAYOUT)
+    return impls is not None and not any(name.startswith("ref") for name in impls)
+
+
+def _call(kind, out_shape, a, b, strides, pads, groups):
+    (plh, phh), (plw, phw) = pads
+    return jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method="sequential")(
+        a, b, strides=np.array(strides, np.int64), pad_lo=np.array([plh, plw], np.int64),
+        pad_hi=np.array([phh, phw], np.int64), groups=np.int64(groups), layout=np.int64(LAYOUT))
+
+
+def _out_shape(x_shape, w_shape, strides, pads):
+    s = _shape(x_shape, w_shape, strides, pads, 1, LAYOUT)
+    return (x_shape[0], s[8], s[9], w_shape[3])
+
+
+def forward(x, w, strides, pads, groups=1):
+    """The convolution alone (no gradient rule; `conv` has one)."""
+    return _call("fwd", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads, groups)
+
+
+def input_grad(dy, w, x_shape, strides, pads, groups=1):
+    """The gradient with respect to the input (N, H, W, C) of x_shape, given the output's dy."""
+    return _call("bwd_data", tuple(x_shape), dy, w, strides, pads, groups)
+
+
+def kernel_grad(x, dy, w_shape, strides, pads, groups=1):
+    """The gradient with respect to the kernel (kh, kw, C / groups, O) of w_shape, given dy."""
+    return _call("bwd_weights", tuple(w_shape), x, dy, strides, pads, groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x, w, strides, pads, groups=1):
+    """NHWC x (N, H, W, C) * HWIO w (kh, kw, C / groups, O) -> (N, Ho, Wo, O) with oneDNN, forward
+    and both gradients; strides (sh, sw), pads ((top, bottom), (left, right)) as ints. Check
+    `supports` first."""
+    return forward(x, w, strides, pads, groups)
+
+
+def _conv_fwd(x, w, strides, pads, groups):
+    return forward(x, w, strides, pads, groups), (x, w)
+
+
+def _conv_bwd(strides, pads, groups, residuals, dy):
+    x, w = residuals
+    return input_grad(dy, w, x.shape, strides, pads, groups), kernel_grad(x, dy, w.shape, strides, pads, groups)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
