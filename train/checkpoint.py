@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -59,15 +60,17 @@ class Checkpoints:
     def save_latest(self, step: int, state) -> None:
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=ocp.args.StandardSave(state))
-        self.latest.wait_until_finished()
+        with _interrupt_after():
+            self.latest.save(step, args=ocp.args.StandardSave(state))
+            self.latest.wait_until_finished()
 
     def save_best(self, step: int, state, accuracy: float) -> None:
         """Offer `state` as the best; Orbax keeps it only if its accuracy beats the kept one."""
         if step in self.best.all_steps():
             return
-        self.best.save(step, args=ocp.args.StandardSave(state), metrics={ACCURACY_KEY: float(accuracy)})
-        self.best.wait_until_finished()
+        with _interrupt_after():
+            self.best.save(step, args=ocp.args.StandardSave(state), metrics={ACCURACY_KEY: float(accuracy)})
+            self.best.wait_until_finished()
 
     def best_accuracy(self) -> float | None:
         step = self.best.best_step()
@@ -98,6 +101,24 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise it: an interrupt inside an Orbax save
+    stops its event loop while Orbax's own threads still commit the step, which leaves a traceback
+    from those threads at exit (and the step may or may not be complete)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

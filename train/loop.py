@@ -35,6 +35,7 @@ segmentation net).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -552,6 +553,11 @@ def train(config: TrainConfig) -> TrainResult:
                 epoch_started = time.perf_counter()
     except KeyboardInterrupt:
         last = checkpoints.latest.latest_step() if checkpoints else None
+        if checkpoints:
+            # Closed now, not by Orbax's finalizers at interpreter exit: those fail ("cannot schedule
+            # new futures after interpreter shutdown") when the interrupt came during a save.
+            with contextlib.suppress(Exception):
+                checkpoints.close()
         raise KeyboardInterrupt(
             f"at step {step} of {stop_step}; "
             + (f"the last checkpoint is step {last} in {out_dir}: the same command with --resume continues from it"
