@@ -120,21 +120,12 @@ def _custom_calls(sizes: Sizes) -> list[str]:
 
     import jax
 
-    from train import loop
-    from train.bench import synthetic_task
+    from train.bench import loop_step, synthetic_task
     from train.config import TrainConfig
 
     config = TrainConfig(model=sizes.backbone, dataset="mnist", batch_size=2, schedule="constant", progress=False)
     task = synthetic_task(config, (sizes.image, sizes.image, 3), 1000)
-    model = task.build()
-    model.train()
-    graphdef, params, rng_keys, rng_counts, other = loop.split_model(model)
-    tx = loop.make_optimizer(config, loop.make_schedule(config, 10, 1))
-    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=graphdef, rng_keys=rng_keys,
-                              rng_counts=rng_counts, tx=tx, schedule=loop.make_schedule(config, 10, 1),
-                              steps_per_epoch=1)
-    state = {"step": jax.numpy.int32(0), "params": params, "rng_counts": rng_counts, "other": other,
-             "opt_state": tx.init(params), "ema": None}
+    fns, state = loop_step(config, task, task.build())
     images = jax.ShapeDtypeStruct((2, sizes.image, sizes.image, 3), jax.numpy.uint8)
     labels = jax.ShapeDtypeStruct((2,), jax.numpy.int32)
     order = jax.ShapeDtypeStruct((2,), jax.numpy.int32)

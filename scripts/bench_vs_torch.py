@@ -224,7 +224,7 @@ def zoo_train_step(model, x, y, *, learning_rate: float = LEARNING_RATE, momentu
     momentum, no weight decay here, constant learning rate), on a copy of the model's state.
     x: (B, H, W, C) float32, y: (B,) int. fast_compile: the loop's option (tests; slower steps).
     """
-    from train import loop
+    from train.bench import loop_step
     from train.config import TrainConfig
 
     batch = int(x.shape[0])
@@ -232,23 +232,10 @@ def zoo_train_step(model, x, y, *, learning_rate: float = LEARNING_RATE, momentu
                          learning_rate=learning_rate, momentum=momentum, weight_decay=0.0, schedule="constant",
                          progress=False, fast_compile=fast_compile)
     num_classes = [layer for layer in model.head.layers if isinstance(layer, nnx.Linear)][-1].out_features
-    task = ArrayTask(num_classes)
-    model.eval()
-    eval_graphdef = loop.split_model(model)[0]
-    model.train()
-    graphdef, params, rng_keys, rng_counts, other = loop.split_model(model)
-    schedule = loop.make_schedule(config, 1000, 1)
-    tx = loop.make_optimizer(config, schedule)
-    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_keys=rng_keys,
-                              rng_counts=rng_counts, tx=tx, schedule=schedule, steps_per_epoch=1)
-    # A copy: the step donates its state.
-    state = jax.jit(lambda p, c, o: {"step": jnp.int32(0), "params": jax.tree.map(jnp.copy, p),
-                                     "rng_counts": jax.tree.map(jnp.copy, c), "other": jax.tree.map(jnp.copy, o),
-                                     "opt_state": tx.init(p), "ema": None})(params, rng_counts, other)
+    fns, state = loop_step(config, ArrayTask(num_classes), model)
     arrays = (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     order = jnp.arange(batch, dtype=jnp.int32)
     holder = [state]
-    model.eval()
 
     def step():
         holder[0], metrics = fns.train_steps(holder[0], arrays, order, 1)

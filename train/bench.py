@@ -36,6 +36,29 @@ def synthetic_task(config: TrainConfig, image_shape=None, num_classes: int | Non
     return task
 
 
+def loop_step(config: TrainConfig, task, model, *, steps_per_epoch: int = 1):
+    """The jitted functions of `train.loop` for `model` and a fresh train state (no EMA) on a copy of
+    its weights (the step donates its state): what `zoo train` runs, for benchmarks.
+
+    Returns (fns, state): `fns.train_steps(state, (images, labels), order, n)`; `model` is left in eval mode.
+    """
+    model.eval()
+    eval_graphdef = loop.split_model(model)[0]
+    if config.remat:
+        loop.remat_blocks(model)
+    model.train()
+    graphdef, params, rng_keys, rng_counts, other = loop.split_model(model)
+    model.eval()
+    schedule = loop.make_schedule(config, 1000, steps_per_epoch)
+    tx = loop.make_optimizer(config, schedule)
+    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_keys=rng_keys,
+                              rng_counts=rng_counts, tx=tx, schedule=schedule, steps_per_epoch=steps_per_epoch)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+    state = jax.jit(lambda p, c, o: {"step": jnp.int32(0), "params": copy(p), "rng_counts": copy(c),
+                                     "other": copy(o), "opt_state": tx.init(p), "ema": None})(params, rng_counts, other)
+    return fns, state
+
+
 def measure(config: TrainConfig, steps: int, image_shape=None, num_classes: int | None = None) -> dict:
     """Compile and time the loop's train step for `config` on random uint8 images.
 
@@ -48,19 +71,7 @@ def measure(config: TrainConfig, steps: int, image_shape=None, num_classes: int 
     rng = np.random.default_rng(0)
     data = jax.device_put((rng.integers(0, 256, (n, *task.image_shape), dtype=np.uint8),
                            rng.integers(0, task.num_classes, (n,), dtype=np.int32)))
-    model = task.build()
-    model.eval()
-    eval_graphdef = loop.split_model(model)[0]
-    if config.remat:
-        loop.remat_blocks(model)
-    model.train()
-    graphdef, params, rng_keys, rng_counts, other = loop.split_model(model)
-    schedule = loop.make_schedule(config, 1000, 4)
-    tx = loop.make_optimizer(config, schedule)
-    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_keys=rng_keys,
-                              rng_counts=rng_counts, tx=tx, schedule=schedule, steps_per_epoch=4)
-    state = jax.jit(lambda p, c, o: {"step": jnp.int32(0), "params": p, "rng_counts": c, "other": o,
-                                     "opt_state": tx.init(p), "ema": None})(params, rng_counts, other)
+    fns, state = loop_step(config, task, task.build(), steps_per_epoch=4)
     order = jax.device_put(loop.epoch_order(config.seed, 0, n, n))
     start = time.perf_counter()
     compiled = fns.train_steps.lower(state, data, order, 1).compile()
