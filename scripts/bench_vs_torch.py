@@ -27,7 +27,7 @@ units x float32 lanes (16 with avx512f, 8 with AVX2) x 2 flops x the clock of /p
 PyTorch runs with its default threads; JAX with the default XLA flags (whatever XLA_FLAGS holds).
 
 The builders and checks are importable (scripts/bench_device.py reuses them on a GPU):
-`build_pair`, `check_equal`, `time_alternating`, `zoo_inference`, `zoo_train_step`,
+`build_pair`, `check_equal`, `side_by_side.alternating_times`, `zoo_inference`, `zoo_train_step`,
 `torch_inference`, `torch_train_step`, `run_model`, and `run_table` (JSON-ready results).
 """
 
@@ -40,7 +40,6 @@ import datetime
 import functools
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference  # noqa: E402
+from side_by_side import alternating_times  # noqa: E402
 
 import zoo  # noqa: E402
 
@@ -296,33 +296,6 @@ def torch_train_step(model, x: torch.Tensor, y: torch.Tensor, *, compiled: bool 
     return step
 
 
-def time_alternating(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict, dict]:
-    """(median seconds per call, seconds of the first call) of each function.
-
-    The first call of each (compilation, warm-up) is timed on its own; then `repeats` rounds of one
-    call each, so background load on a shared machine hits every side alike. A function that
-    raises in its first call is dropped; its entry in both dicts is the exception.
-    """
-    first, live = {}, {}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - torch.compile failing is a result, not a crash of the benchmark
-            first[name] = e
-            continue
-        first[name] = time.perf_counter() - start
-        live[name] = fn
-    times: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(repeats):
-        for name, fn in live.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(times[name]) if name in live else first[name] for name in fns}
-    return medians, first
-
-
 # --------------------------------------------------------------------------- one model, all rows
 
 
@@ -359,7 +332,7 @@ def run_model(case: Case, repeats: int, *, compile_torch: bool = True, device: s
     if compile_torch:
         compiled = torch_inference(theirs, compiled=True, device=device)
         fns["compiled"] = lambda: compiled(xt)
-    medians, first = time_alternating(fns, repeats)
+    medians, first = alternating_times(fns, repeats)
     result["rows"].append({"mode": "infer", "batch": case.batch, "medians": medians, "first": first,
                            "flops": flops})
     log(_row_log(case, "infer", medians, first))
@@ -372,7 +345,7 @@ def run_model(case: Case, repeats: int, *, compile_torch: bool = True, device: s
         if compile_torch:
             twin = copy.deepcopy(theirs)  # its own weights and optimizer: the eager steps do not move them
             fns["compiled"] = torch_train_step(twin, xt, yt, compiled=True, device=device)
-        medians, first = time_alternating(fns, repeats)
+        medians, first = alternating_times(fns, repeats)
         result["rows"].append({"mode": "train", "batch": case.batch, "medians": medians, "first": first,
                                "flops": 3 * flops})
         log(_row_log(case, "train", medians, first))

@@ -16,6 +16,31 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, *, w
     if warm_up:
         for fn in fns.values():
             fn()
+    return _rounds(fns, repeats)
+
+
+def alternating_times(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict, dict]:
+    """(median seconds per call, seconds of the first call) of each function.
+
+    The first call of each (compilation, warm-up) is timed on its own, then `repeats` rounds as in
+    `alternating_medians`. A function that raises in its first call is dropped (torch.compile
+    failing is a result, not a crash of the benchmark): its entry in both dicts is the exception.
+    """
+    first, live = {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            first[name] = e
+            continue
+        first[name] = time.perf_counter() - start
+        live[name] = fn
+    medians = _rounds(live, repeats)
+    return {name: medians.get(name, first[name]) for name in fns}, first
+
+
+def _rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

@@ -35,7 +35,6 @@ segmentation net).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -292,7 +291,8 @@ def make_functions(config: TrainConfig, task, *, train_graphdef, eval_graphdef, 
         if n == 1:
             # One update, not a scan of length one: XLA:CPU compiles the same step inside a scan into
             # slower code even when the loop is unrolled (EfficientNet-B0's step 4x slower, an MNIST
-            # net's 2.5x; docs/BENCHMARKS.md, "Against PyTorch"). steps_per_call > 1 still loops.
+            # net's 2.5x; docs/BENCHMARKS.md, "The loop's update inside lax.scan"). steps_per_call > 1
+            # still loops.
             state, metrics = one_update(state, arrays, order)
             return state, metrics[None]
         return jax.lax.scan(lambda s, _: one_update(s, arrays, order), state, None, length=n)
@@ -553,11 +553,6 @@ def train(config: TrainConfig) -> TrainResult:
                 epoch_started = time.perf_counter()
     except KeyboardInterrupt:
         last = checkpoints.latest.latest_step() if checkpoints else None
-        if checkpoints:
-            # Closed now, not by Orbax's finalizers at interpreter exit: those fail ("cannot schedule
-            # new futures after interpreter shutdown") when the interrupt came during a save.
-            with contextlib.suppress(Exception):
-                checkpoints.close()
         raise KeyboardInterrupt(
             f"at step {step} of {stop_step}; "
             + (f"the last checkpoint is step {last} in {out_dir}: the same command with --resume continues from it"

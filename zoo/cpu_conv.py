@@ -277,8 +277,8 @@ def _transposed_conv(dy, w, in_hw, strides, pads, precision):
     stride-dilated dy with the flipped kernel, its I and O swapped in memory.
 
     Autodiff writes the same convolution with the swap in its dimension numbers (kernel "01oi"),
-    and where the step runs inside a loop (`lax.scan`: train.loop runs every update in one) XLA:CPU
-    keeps that form, which its fast convolution does not take: the generic loop it falls back to
+    and where the step runs inside a loop (`lax.scan`: train.loop's accumulation or steps_per_call > 1)
+    XLA:CPU keeps that form, which its fast convolution does not take: the generic loop it falls back to
     made an MNIST net's training step 2.5x slower. The optimization barrier keeps XLA from folding
     the transpose back into the dimension numbers.
     """
