@@ -5,6 +5,7 @@ built by scripts/setup-env (scripts/build-onednn); where it is not, the comparis
 fallback tests still run.
 """
 
+import functools
 import warnings
 
 import jax
@@ -75,17 +76,32 @@ def test_each_part_can_be_onednn_alone(plan, monkeypatch):
 
 
 @needs_onednn
-def test_training_steps_send_large_convolutions_to_onednn_and_inference_keeps_xla():
+def test_training_steps_send_large_convolutions_to_onednn_and_inference_its_forward():
     x = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
     conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
     grads = jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1))
     assert all(target in str(jax.make_jaxpr(grads)(x, w)) for target in onednn._TARGETS.values())
-    assert "fcnzoo_onednn" not in str(jax.make_jaxpr(conv)(x, w))  # inference: XLA fuses its own
-    fc6 = [jax.ShapeDtypeStruct((1, 14, 14, 256), jnp.float32), jax.ShapeDtypeStruct((7, 7, 256, 64), jnp.float32)]
-    assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(conv)(*fc6))  # an FCN's fc6: oneDNN in inference too
+    assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(conv)(x, w))  # inference: the forward
+    pointwise = jax.ShapeDtypeStruct((1, 1, 64, 256), jnp.float32)
+    assert "fcnzoo_onednn" not in str(jax.make_jaxpr(conv)(x, pointwise))  # 1x1: XLA's fused product
     with cpu_conv.without_onednn():  # a fresh function: JAX caches traces by function
         assert "fcnzoo_onednn" not in str(jax.make_jaxpr(lambda x, w: grads(x, w))(x, w))
+
+
+@needs_onednn
+def test_dense_inputs_are_materialized_without_changing_values_or_gradients():
+    x = jax.random.normal(jax.random.key(4), (4, 3, 3, 8))
+    k = jax.random.normal(jax.random.key(5), (72, 5))
+
+    def dense(dot, x, k):  # a pooled map flattened into a product, as a VGG's head
+        y = jnp.maximum(x, 0).reshape(4, -1)
+        return dot(y, k, (((1,), (0,)), ((), ())))
+
+    ours = jax.jit(functools.partial(dense, cpu_conv.dot_general))
+    assert "fcnzoo_materialize" in ours.lower(x, k).as_text()
+    assert_close(*value_and_grads(lambda x, k: ours(x, k), x, k,
+                                  functools.partial(dense, lambda a, b, dn: jnp.dot(a, b))))
 
 
 def test_symbolic_sizes_keep_zoo_paths():

@@ -16,7 +16,7 @@ Measured on the 2-core machine of docs/BENCHMARKS.md (batch 8 at 56x56 unless no
   - max-pooling's gradient skips select-and-scatter (`max_pool`, used by `zoo.layers.MaxPool`);
   - in a training step, oneDNN (zoo/onednn.py, when built) runs most forward convolutions and their
     input and kernel gradients, depthwise ones included (`_onednn_plan` says which, and why);
-    inference keeps the XLA paths above, which XLA:CPU fuses with their neighbours.
+    in inference the forward of those that are not 1x1 (`_conv`, `_grouped`).
 Other convolutions keep XLA's forward kernel and input gradient, and so do small ones
 (`MIN_WORK`). Whole models, side by side:
 scripts/bench_cpu_conv.py (ResNet-50 training step 1.9x, EfficientNet-B0 5.8x, Xception 4.1x).
@@ -215,13 +215,13 @@ def _uses_dot(kernel_shape) -> bool:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, pads, precision, plan):
     """The convolution; plan: whether oneDNN runs the (forward, input gradient, kernel gradient) of a
-    training step. Not differentiated (inference), it is zoo's XLA path: XLA:CPU fuses those
-    convolutions with their neighbours (YNNPACK; a whole VGG-16 backbone becomes one fusion), which
-    a custom call would split (VGG-16 inference 0.56x with oneDNN's forward, EfficientNet-B0 0.61x).
-    Large kernels over many channels (an FCN's fc6, 7x7x512->4096) are the exception: oneDNN's
-    forward is 2.5x faster there, and a VGG-16 FCN's inference at 448x448 1.1x."""
-    kh, kw, cin, _ = w.shape
-    if plan[0] and kh * kw >= 25 and cin >= 256:
+    training step. Not differentiated (inference), oneDNN runs the forward of the same convolutions
+    except 1x1 kernels, which XLA:CPU runs as matrix products fused with their neighbours (YNNPACK).
+    Whole models, inference at batch 8 (scripts/bench_vs_torch.py): ResNet-50 1.14x, Xception 1.33x,
+    VGG-16 1.49x faster than XLA's convolutions; EfficientNet-B0 and an MNIST net unchanged (their
+    1x1 convolutions stay XLA's). VGG-16 needs `dot_general`'s materialized input."""
+    kh, kw, _, _ = w.shape
+    if plan[0] and not kh == kw == 1:
         return onednn.forward(x, w, strides, pads)
     return _forward(x, w, strides, pads, precision)
 
@@ -297,17 +297,17 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _grouped(x, w, strides, pads, groups, onednn_forward):
-    """A grouped (or depthwise) convolution whose gradients are oneDNN's; its forward in a training
-    step too when onednn_forward. Not differentiated (inference), zoo's XLA path (see `_conv`)."""
+    """A grouped (or depthwise) convolution whose gradients are oneDNN's, and its forward too when
+    onednn_forward (inference included: EfficientNet-B0 and Xception 1.04-1.05x)."""
+    if onednn_forward:
+        return onednn.forward(x, w, strides, pads, groups)
     if groups == x.shape[-1] == w.shape[-1]:
         return _depthwise(x, w, strides, pads)
     return _xla_conv(x, w, strides, pads, dimension_numbers=_DN, feature_group_count=groups)
 
 
 def _grouped_fwd(x, w, strides, pads, groups, onednn_forward):
-    if onednn_forward:
-        return onednn.forward(x, w, strides, pads, groups), (x, w)
-    return _grouped(x, w, strides, pads, groups, False), (x, w)
+    return _grouped(x, w, strides, pads, groups, onednn_forward), (x, w)
 
 
 def _grouped_bwd(strides, pads, groups, onednn_forward, residuals, dy):
@@ -412,11 +412,37 @@ def _tiled_max_pool_grad(x, y, dy, window):
 _max_pool.defvjp(_max_pool_forward, _max_pool_grad)
 
 
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`lax.dot_general` whose left operand, on CPU with oneDNN, is first written to memory
+    (`onednn.materialize`, which costs nothing).
+
+    Without it XLA:CPU fuses what computes a Dense layer's input into the product (YNNPACK): after
+    oneDNN's convolutions a VGG-16's last bias, ReLU and pooling went into its classifier's first
+    product, which then took 750 ms instead of 24 ms. Symbolic sizes (jax.export) keep the plain product.
+    """
+    if (enabled() and _ONEDNN[0] and onednn.available() and lhs.dtype == jnp.float32
+            and not any(export.is_symbolic_dim(d) for d in lhs.shape)):
+        lhs = _materialized(lhs)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kwargs)
+
+
+@jax.custom_vjp
+def _materialized(x):
+    return onednn.materialize(x)
+
+
+_materialized.defvjp(lambda x: (_materialized(x), None), lambda _, g: (g,))
+
+
 def use_cpu_conv(model: nnx.Module) -> int:
-    """Make every `nnx.Conv` in `model` use this module's convolution; returns how many were changed."""
+    """Make every `nnx.Conv` in `model` use this module's convolution, and every `nnx.Linear` its
+    `dot_general`; returns how many convolutions were changed."""
     changed = 0
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Conv) and module.conv_general_dilated is lax.conv_general_dilated:
             module.conv_general_dilated = conv_general_dilated
             changed += 1
+        elif isinstance(module, nnx.Linear) and module.dot_general is lax.dot_general:
+            module.dot_general = dot_general
     return changed

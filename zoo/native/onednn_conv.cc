@@ -15,6 +15,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -262,6 +263,18 @@ ffi::Error ConvBwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, Ints
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_fwd, ConvFwd, FCNZOO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_bwd_data, ConvBwdData, FCNZOO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_bwd_weights, ConvBwdWeights, FCNZOO_CONV_BINDING);
+
+// The identity, its result aliased to its operand (zoo.onednn.materialize): XLA must write the
+// operand to memory, so the elementwise work and pooling that produce it are not fused into its
+// consumer (XLA:CPU fused a VGG's last pooling into its classifier's matrix products, 30x slower).
+// Nothing to do when XLA gives both the same buffer; a copy where it does not.
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.untyped_data() != y->untyped_data()) std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_materialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // Builds (and caches) the primitive for one convolution ahead of its first run, so that a shape
 // oneDNN does not take is known at trace time. shape: the 18 fields of Shape, in order. Writes
