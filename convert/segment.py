@@ -94,8 +94,9 @@ class TransposedConv(nnx.Module):
         # spatially flipped kernel; padding k - 1 - f/2 on each side gives exactly h*f outputs.
         pad = 2 * f - 1 - f // 2
         kernel = self.kernel[...][::-1, ::-1].astype(x.dtype)
-        return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=[(pad, pad), (pad, pad)],
-                                            lhs_dilation=(f, f), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # (zoo.cpu_conv runs it on CPU as oneDNN's transposed convolution, without the zeros.)
+        return cpu_conv.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=[(pad, pad), (pad, pad)],
+                                             lhs_dilation=(f, f), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _copy_conv(conv: nnx.Conv, *, padding, out_features: int | None = None, keep_filters: bool = True) -> nnx.Conv:

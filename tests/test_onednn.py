@@ -138,3 +138,19 @@ def test_environment_variable_turns_it_off_silently(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not onednn.available()
+
+
+@needs_onednn
+@pytest.mark.parametrize("factor,pads,channels", [(2, (2, 2), (3, 3)), (4, (5, 5), (5, 2)), (2, (1, 2), (4, 6))])
+def test_transposed_convolutions_are_onednn_and_equal_xla(factor, pads, channels):
+    # The FCN decoders' learned upsampling (convert.segment.TransposedConv): a convolution over the
+    # factor-dilated input, which XLA computes zeros included.
+    x = jax.random.normal(jax.random.key(6), (2, 5, 7, channels[0]))
+    k = jax.random.normal(jax.random.key(7), (2 * factor, 2 * factor, *channels)) / factor
+
+    def upsample(conv):
+        return lambda x, k: conv(x, k, (1, 1), [pads, pads], lhs_dilation=(factor, factor), dimension_numbers=NHWC)
+
+    ours = upsample(cpu_conv.conv_general_dilated)
+    assert "fcnzoo_onednn_conv_bwd_data" in str(jax.make_jaxpr(ours)(x, k))
+    assert_close(*value_and_grads(ours, x, k, upsample(lax.conv_general_dilated)))

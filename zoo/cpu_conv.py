@@ -115,6 +115,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and _is_nhwc(dimension_numbers, lhs.ndim))
     depthwise = feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
+    if (not plain and enabled() and lhs.ndim == 4 and _is_nhwc(dimension_numbers, lhs.ndim)
+            and feature_group_count == 1 and all(d == 1 for d in (rhs_dilation or (1, 1)))
+            and all(v is None for v in kwargs.values()) and not isinstance(padding, str)):
+        upsampled = _dilated_input_conv(lhs, rhs, tuple(lhs_dilation or (1, 1)), padding, tuple(window_strides))
+        if upsampled is not None:
+            return upsampled
     if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
@@ -143,6 +149,59 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if depthwise:
         return _depthwise(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, precision, plan or (False, False, False))
+
+
+def _dilated_input_conv(x, k, dilation, padding, strides):
+    """A convolution over the stride-dilated input (a transposed convolution: the FCN decoders'
+    learned upsampling) as oneDNN's input gradient of the strided convolution it transposes, or
+    None where that does not apply. XLA:CPU convolves the dilated input, zeros included: for an
+    FCN-32s decoder (kernel 64, stride 32) that is 1024 times the work.
+
+    y = conv(x dilated by s, k, padding (pl, ph)) is the input gradient of a stride-s convolution
+    with the kernel k flipped and its in/out channels swapped, padding (kh - 1 - pl, kh - 1 - ph).
+    """
+    if (not _ONEDNN[0] or all(d == 1 for d in dilation) or any(s != 1 for s in strides)
+            or x.dtype != jnp.float32 or any(export.is_symbolic_dim(d) for d in (*x.shape, *k.shape))):
+        return None
+    kh, kw = k.shape[:2]
+    (pl_h, ph_h), (pl_w, ph_w) = ((int(lo), int(hi)) for lo, hi in padding)
+    pads = ((kh - 1 - pl_h, kh - 1 - ph_h), (kw - 1 - pl_w, kw - 1 - ph_w))
+    out_hw = tuple((n - 1) * d + 1 + lo + hi - size + 1
+                   for n, d, (lo, hi), size in zip(x.shape[1:3], dilation, padding, (kh, kw)))
+    out_shape = (x.shape[0], *out_hw, k.shape[3])
+    forward_kernel = jax.ShapeDtypeStruct((kh, kw, k.shape[3], k.shape[2]), k.dtype)
+    if (min(*out_hw) < 1 or any(p < 0 for p in sum(pads, ()))
+            or not onednn.supports(jax.ShapeDtypeStruct(out_shape, x.dtype), forward_kernel, dilation, pads)
+            or _out_size(out_hw, (kh, kw), dilation, pads) != tuple(x.shape[1:3])):
+        return None
+    return _transposed(x, k, dilation, pads, out_shape)
+
+
+def _forward_kernel(k):
+    """The kernel of the strided convolution that `_transposed` transposes: flipped, I and O swapped."""
+    return jnp.transpose(k[::-1, ::-1], (0, 1, 3, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _transposed(x, k, strides, pads, out_shape):
+    return onednn.input_grad(x, _forward_kernel(k), out_shape, strides, pads)
+
+
+def _transposed_fwd(x, k, strides, pads, out_shape):
+    return _transposed(x, k, strides, pads, out_shape), (x, k)
+
+
+def _transposed_bwd(strides, pads, out_shape, residuals, dy):
+    # y is the adjoint of the strided convolution F(., w): dx = F(dy, w), and its kernel gradient is
+    # F's kernel gradient with dy as F's input and x as F's output gradient.
+    x, k = residuals
+    w = _forward_kernel(k)
+    dx = onednn.forward(dy, w, strides, pads)
+    dw = onednn.kernel_grad(dy, x, w.shape, strides, pads)
+    return dx, _forward_kernel(dw)
+
+
+_transposed.defvjp(_transposed_fwd, _transposed_bwd)
 
 
 def _onednn_plan(x, w, strides, pads, groups):
