@@ -200,4 +200,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from zoo import allocator
+
+    allocator.retain_freed_memory()  # as the `zoo` command runs (zoo/allocator.py); FCNZOO_ALLOCATOR=glibc: without
     sys.exit(main())

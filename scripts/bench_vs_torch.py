@@ -1,7 +1,7 @@
 """Throughput of zoo models vs the same networks in plain PyTorch: same weights, same batch, one process.
 
     .venv/bin/python scripts/bench_vs_torch.py [--models resnet50,vgg16_fcn] [--repeats 5] [--quick]
-                                               [--no-compile] [--device cpu|cuda]
+                                               [--no-compile] [--device cpu|cuda] [--allocator retain|glibc]
 
 Models: resnet50, efficientnet_b0, vgg16, xception (batch 8 at the registry's input size:
 224, 224, 224, 299), mnistnet (batch 128 at 28x28) and vgg16_fcn (VGG-16 through
@@ -25,6 +25,9 @@ FLOPs: the analytic count of `zoo.summarize` (2 x multiply-adds of convolutions 
 the same network on both sides), training counted as 3x the forward pass. Peak: cores x 2 FMA
 units x float32 lanes (16 with avx512f, 8 with AVX2) x 2 flops x the clock of /proc/cpuinfo.
 PyTorch runs with its default threads; JAX with the default XLA flags (whatever XLA_FLAGS holds).
+Both sides share the process's memory settings: by default freed memory is kept for reuse, as the
+`zoo` command runs (`--allocator retain`, zoo/allocator.py); `--allocator glibc` leaves glibc as it
+comes, where a call of one side faults in the pages the other has just returned.
 
 The builders and checks are importable (scripts/bench_device.py reuses them on a GPU):
 `build_pair`, `check_equal`, `side_by_side.alternating_times`, `zoo_inference`, `zoo_train_step`,
@@ -38,6 +41,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import platform
 import subprocess
@@ -45,6 +49,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +64,7 @@ import torch_reference  # noqa: E402
 from side_by_side import alternating_times  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo import allocator  # noqa: E402
 
 TOLERANCE = 1e-4  # max |ours - torch| / max |torch logits|
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
@@ -494,6 +500,35 @@ def run_table(names, *, device: str = "cpu", quick: bool = False, repeats: int =
             "equality": format_checks(results)}
 
 
+TABLES = ("table", "first_calls", "equality")
+
+
+def _run_in_fresh_processes(names, argv) -> dict:
+    """Each model through this script in its own process (its output streamed), the tables merged."""
+    import tempfile
+
+    merged = {key: [] for key in TABLES}
+    report = {"peak_flops": None, "errors": {}}
+    options = [a for i, a in enumerate(argv) if a != "--models" and (i == 0 or argv[i - 1] != "--models")
+               and not a.startswith("--models=")]
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "tables.json"
+            done = subprocess.run([sys.executable, __file__, *options, "--models", name, "--tables-to", str(out)],
+                                  check=False)
+            if not out.exists():
+                report["errors"][name] = f"its process ended with exit code {done.returncode}"
+                continue
+            child = json.loads(out.read_text())
+        report["peak_flops"] = child["peak_flops"]
+        report["errors"].update(child["errors"])
+        for key in TABLES:
+            lines = child[key].splitlines()
+            merged[key] += lines if not merged[key] else lines[2:]  # one header
+    report.update({key: "\n".join(lines) for key, lines in merged.items()})
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=None, help="comma-separated, from: " + ",".join(cases()))
@@ -501,7 +536,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny inputs and batches (a smoke test)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch's side; JAX uses its default device)")
+    parser.add_argument("--allocator", choices=("retain", "glibc"), default="retain",
+                        help="retain (default): freed memory stays for reuse, so neither side's calls fault in "
+                             "pages the other gave back (zoo.allocator.retain_freed_memory); glibc: as it comes")
+    parser.add_argument("--one-process", action="store_true",
+                        help="all models in this process (default: each in a fresh one, so one model's freed "
+                             "memory does not shape the next's timings)")
+    parser.add_argument("--tables-to", default=None, help=argparse.SUPPRESS)  # a child's tables, as JSON
     args = parser.parse_args(argv)
+    if args.allocator == "retain":
+        allocator.retain_freed_memory()  # before either framework starts its threads
     names = args.models.split(",") if args.models else list(cases(args.quick))
     unknown = [n for n in names if n not in cases(args.quick)]
     if unknown:
@@ -518,8 +562,13 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} on {args.device}, torch.get_num_threads() = {torch.get_num_threads()}")
     if args.device == "cpu":
         print(f"peak: {machine_peak()[1]}")
-    report = run_table(names, device=args.device, quick=args.quick, repeats=args.repeats,
-                       compile_torch=not args.no_compile)
+    if len(names) > 1 and not args.one_process:
+        report = _run_in_fresh_processes(names, argv if argv is not None else sys.argv[1:])
+    else:
+        report = run_table(names, device=args.device, quick=args.quick, repeats=args.repeats,
+                           compile_torch=not args.no_compile)
+    if args.tables_to:
+        Path(args.tables_to).write_text(json.dumps({k: report[k] for k in TABLES + ("peak_flops", "errors")}))
     peak = report["peak_flops"]
     print()
     print(report["table"])

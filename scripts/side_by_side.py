@@ -10,8 +10,9 @@ from collections.abc import Callable
 def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, *, warm_up: bool = True) -> dict:
     """Median seconds per call of each function (each must block until its result is ready).
 
-    One call of every function per round, `repeats` rounds, so background load on a shared
-    machine hits every side alike. `warm_up`: call each once first, untimed (it compiles).
+    One call of every function per round, `repeats` rounds, each starting one function later, so
+    background load on a shared machine, and what one call leaves behind for the next, hit every
+    side alike. `warm_up`: call each once first, untimed (it compiles).
     """
     if warm_up:
         for fn in fns.values():
@@ -41,10 +42,14 @@ def alternating_times(fns: dict[str, Callable[[], object]], repeats: int) -> tup
 
 
 def _rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
+    # Round r starts at the r-th function: a call runs slower right after some others (PyTorch's
+    # training steps leave memory and threads behind: Xception's library step took 3.8 s after
+    # torch.compile's, 2.0 s elsewhere), so every side takes every place in the order alike.
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[:r % len(order)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -3,7 +3,7 @@
     python scripts/train_recipes.py list
     python scripts/train_recipes.py run mnistnet_mnist --seed 0 [--ship] [--out runs/]
     python scripts/train_recipes.py ship runs/mnistnet_mnist-seed0     # a finished run, after the fact
-    python scripts/train_recipes.py time-to-99 [--target 0.99]
+    python scripts/train_recipes.py time-to-99 [--target 0.99] [--allocator retain|glibc]
     python scripts/train_recipes.py summarize runs/mnistnet_mnist-seed*/result.json
 
 `run` trains with `train.loop.train` (no validation hold-out, no best-epoch picking: the final
@@ -101,6 +101,7 @@ def cmd_time_to_99(args) -> int:
     """Wall time of a fresh process that trains the fast recipe and reaches `target` test accuracy."""
     code = (
         "import time; t0 = time.perf_counter()\n"
+        "from zoo import allocator; allocator.retain_freed_memory()\n"  # as `zoo train` runs
         "from train.loop import train\n"
         "from train.recipes import fast_mnist\n"
         f"accuracy = train(fast_mnist(seed={args.seed})).test_accuracy\n"
@@ -111,7 +112,8 @@ def cmd_time_to_99(args) -> int:
 
     data.prepare("mnist", quiet=True)  # outside the timing: preparation happens once per machine
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ, FCNZOO_ALLOCATOR=args.allocator)  # zoo/allocator.py
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
@@ -153,6 +155,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("time-to-99", help="time a fresh process training to 99%% MNIST test accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=0.99)
+    p.add_argument("--allocator", choices=("retain", "glibc"), default="retain",
+                   help="retain: freed memory kept for reuse, as `zoo train` runs (default); glibc: as it comes")
     p.set_defaults(func=cmd_time_to_99)
     p = sub.add_parser("summarize", help="mean +- std over seeds of result.json files")
     p.add_argument("results", nargs="+")
@@ -162,4 +166,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from zoo import allocator
+
+    allocator.retain_freed_memory()  # as the `zoo` command runs (zoo/allocator.py); FCNZOO_ALLOCATOR=glibc: without
     sys.exit(main())

@@ -113,5 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `zoo` console script: freed memory kept for reuse (zoo/allocator.py), then `main`."""
+    from zoo import allocator
+
+    allocator.retain_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    command()

@@ -206,7 +206,7 @@ _transposed.defvjp(_transposed_fwd, _transposed_bwd)
 
 def _onednn_plan(x, w, strides, pads, groups):
     """Which of (forward, input gradient, kernel gradient) oneDNN runs in a training step, or None
-    for none of them (inference keeps zoo's XLA paths: see `_conv`).
+    for none of them (in inference the forward where it runs it in training, 1x1 kernels excepted: `_conv`).
 
     From scripts/bench_onednn.py (batch 8, ResNet/VGG/EfficientNet/Xception/MNIST layers; current
     path time / oneDNN's): oneDNN's forward is 1.1-1.4x faster on 3x3 and 1x1 kernels and 2.5x
@@ -276,9 +276,9 @@ def _conv(x, w, strides, pads, precision, plan):
     """The convolution; plan: whether oneDNN runs the (forward, input gradient, kernel gradient) of a
     training step. Not differentiated (inference), oneDNN runs the forward of the same convolutions
     except 1x1 kernels, which XLA:CPU runs as matrix products fused with their neighbours (YNNPACK).
-    Whole models, inference at batch 8 (scripts/bench_vs_torch.py): ResNet-50 1.14x, Xception 1.33x,
-    VGG-16 1.49x faster than XLA's convolutions; EfficientNet-B0 and an MNIST net unchanged (their
-    1x1 convolutions stay XLA's). VGG-16 needs `dot_general`'s materialized input."""
+    Whole models, inference at batch 8: ResNet-50 1.14x, Xception 1.29x, VGG-16 1.49x faster than
+    XLA's convolutions, EfficientNet-B0 and an MNIST net unchanged (docs/BENCHMARKS.md, "oneDNN in
+    inference"); VGG-16 needs `dot_general`'s materialized input."""
     kh, kw, _, _ = w.shape
     if plan[0] and not kh == kw == 1:
         return onednn.forward(x, w, strides, pads)
