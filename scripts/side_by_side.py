@@ -42,9 +42,9 @@ def alternating_times(fns: dict[str, Callable[[], object]], repeats: int) -> tup
 
 
 def _rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
-    # Round r starts at the r-th function: a call runs slower right after some others (PyTorch's
-    # training steps leave memory and threads behind: Xception's library step took 3.8 s after
-    # torch.compile's, 2.0 s elsewhere), so every side takes every place in the order alike.
+    # Round r starts at the r-th function: what a call leaves behind (memory returned, threads)
+    # weighs on the next one (with glibc's allocator the second of two JAX training steps after
+    # PyTorch's took 1.14-1.30 s, the first 0.91-0.96 s), so every side takes every place alike.
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     for r in range(repeats):

@@ -6,10 +6,10 @@ gradient and kernel gradient are oneDNN primitives (the library PyTorch runs on 
 XLA's (see there). The library is built by scripts/build-onednn (from scripts/setup-env) into
 the virtual environment, next to the oneDNN wheel (onednn-cpu-gomp). Where it is missing or does
 not load, `available()` is False, one warning says why, and zoo keeps its other paths;
-FCNZOO_ONEDNN=0 turns it off (for A/B runs). The library also holds `materialize`, a custom call
-that costs nothing and stops XLA from fusing across it (`zoo.cpu_conv.dot_general`). Only ever used with the CPU backend, and only for
+FCNZOO_ONEDNN=0 turns it off (for A/B runs). Only ever used with the CPU backend, and only for
 static shapes (under jax.export's symbolic sizes zoo keeps its XLA paths: an exported module
-could not carry these custom calls).
+could not carry these custom calls). The library also holds `materialize`, a custom call that
+costs nothing and that XLA cannot fuse across (`zoo.cpu_conv.dot_general`).
 
 oneDNN is its OpenMP (GOMP) build, 3.2 (the newer PyPI `onednn` wheels are the SYCL/TBB build,
 with 2 GB of Intel runtimes); each call uses every core (OMP_NUM_THREADS), one call at a time.

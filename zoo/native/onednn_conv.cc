@@ -4,6 +4,7 @@
 //   fcnzoo_onednn_conv_fwd          (x, w)  -> y
 //   fcnzoo_onednn_conv_bwd_data     (dy, w) -> dx
 //   fcnzoo_onednn_conv_bwd_weights  (x, dy) -> dw
+// and fcnzoo_materialize (x) -> x, a fusion barrier (below).
 // Attributes: strides, pad_lo, pad_hi (2 each), groups, layout. The third tensor's shape is the
 // result's. layout 0: activations stay NHWC (oneDNN's nxc kernels), the kernel goes to the
 // primitive's own blocked format; layout 1: every tensor in the primitive's chosen format, reordered
