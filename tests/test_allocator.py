@@ -26,7 +26,6 @@ for _ in range(3):
     libc.free(block)
 print(faults)
 """
-PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
 def third_allocation_faults(**env) -> tuple[bool, int]:
@@ -40,9 +39,11 @@ def third_allocation_faults(**env) -> tuple[bool, int]:
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only")
 def test_freed_memory_is_reused_without_page_faults():
     took, faults = third_allocation_faults()
-    assert took and faults < PAGES // 20  # no new pages: the freed block came back
+    assert took and faults < 16  # no new pages: the freed block came back
     took, faults = third_allocation_faults(FCNZOO_ALLOCATOR="glibc")
-    assert not took and faults > PAGES // 2  # glibc's own way: returned, then faulted in again
+    # glibc's own way: returned, then faulted in again, a fault per 4 KiB page (or per 2 MiB where
+    # the kernel gives every mapping huge pages: transparent_hugepage "always")
+    assert not took and faults >= 30
 
 
 def test_the_zoo_command_retains_and_main_alone_does_not(monkeypatch):
