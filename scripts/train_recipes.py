@@ -113,7 +113,8 @@ def cmd_time_to_99(args) -> int:
     data.prepare("mnist", quiet=True)  # outside the timing: preparation happens once per machine
     started = time.perf_counter()
     env = dict(os.environ, FCNZOO_ALLOCATOR=args.allocator)  # zoo/allocator.py
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env,
+                          check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
