@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax import lax
 from PIL import Image
 
 import convert
@@ -38,7 +39,32 @@ def _tent_upsample(x: np.ndarray, factor: int) -> np.ndarray:
     return np.einsum("pi,qj,nijc->npqc", rows, cols, x.astype(np.float64))
 
 
-@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("factor", [16, 32])
+def test_large_factors_upsample_as_the_transposed_convolution(factor):
+    # TransposedConv runs x16 and x32 on CPU in sub-pixel form; reference: lax's transposed
+    # convolution (the dilated form) with a random (not bilinear) kernel, values and gradients.
+    layer = cs.TransposedConv(3, factor)
+    layer.kernel.set_value(jax.random.normal(jax.random.key(factor), layer.kernel[...].shape))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 3))
+    pad = 2 * factor - 1 - factor // 2
+
+    def dilated(x, k):
+        return lax.conv_general_dilated(x, k[::-1, ::-1], (1, 1), [(pad, pad)] * 2, lhs_dilation=(factor, factor),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    k = layer.kernel[...]
+    jaxpr = str(jax.make_jaxpr(lambda x: layer(x))(x))
+    assert f"lhs_dilation=({factor}, {factor})" not in jaxpr and "conv_bwd_data" not in jaxpr  # sub-pixel form
+    np.testing.assert_allclose(layer(x), dilated(x, k), rtol=1e-4, atol=1e-4 * float(jnp.abs(dilated(x, k)).max()))
+    ours = functools.partial(cs._subpixel_upsample, f=factor)  # what the layer runs, with k as an argument
+    loss = lambda up: lambda x, k: jnp.sum(jnp.sin(up(x, k)))  # noqa: E731
+    for got, want in zip(jax.value_and_grad(loss(ours), argnums=(0, 1))(x, k),
+                         jax.value_and_grad(loss(dilated), argnums=(0, 1))(x, k)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 16])
 def test_bilinear_transposed_conv_is_bilinear_interpolation(factor):
     x = np.random.default_rng(factor).standard_normal((2, 5, 7, 3)).astype(np.float32)
     up = np.asarray(cs.TransposedConv(3, factor)(jnp.asarray(x)))
