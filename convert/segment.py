@@ -48,6 +48,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import export
 import numpy as np
 from flax import nnx
 
@@ -90,7 +91,7 @@ class TransposedConv(nnx.Module):
 
     def __call__(self, x):
         f = self.factor
-        if f >= SUBPIXEL_MIN_FACTOR and cpu_conv.enabled() and not any(map(jax.export.is_symbolic_dim, x.shape)):
+        if f >= SUBPIXEL_MIN_FACTOR and cpu_conv.enabled() and not any(map(export.is_symbolic_dim, x.shape)):
             return _subpixel_upsample(x, self.kernel[...].astype(x.dtype), f)
         # A transposed conv is a conv over the input dilated by f (f - 1 zeros between cells) with the
         # spatially flipped kernel; padding k - 1 - f/2 on each side gives exactly h*f outputs.
@@ -101,8 +102,8 @@ class TransposedConv(nnx.Module):
                                              lhs_dilation=(f, f), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-# From this factor on, `TransposedConv` runs on CPU as `_subpixel_upsample`: x32 (FCN-32s) 64.0 ->
-# 10.0 ms, x16 36.8 -> 12.5 ms against the transposed convolution (oneDNN's), but x8 6.6 -> 11.0 ms.
+# From this factor on, `TransposedConv` runs on CPU as `_subpixel_upsample`: at x32 (FCN-32s) 6.4x and
+# at x16 2.9x faster than the transposed convolution (oneDNN's), slower at x8 (docs/BENCHMARKS.md).
 SUBPIXEL_MIN_FACTOR = 16
 
 
