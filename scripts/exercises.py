@@ -356,6 +356,7 @@ class CompiledStep:
         import jax.numpy as jnp
 
         from train import loop, parallel, tasks
+        from train.bench import loop_step
         from zoo.summary import summarize
 
         loop.check_setup(config)
@@ -366,23 +367,9 @@ class CompiledStep:
         self.estimate_bytes = summarize(model, task.image_shape, batch_size=config.micro_batch_size // devices,
                                         dtype=jnp.dtype(config.dtype), xla=False).training_bytes()
         self.params = sum(x.size for x in jax.tree.leaves(loop.split_model(model)[1]))
-        model.eval()
-        eval_graphdef = loop.split_model(model)[0]
-        if config.remat:
-            loop.remat_blocks(model)
-        model.train()
-        graphdef, params, rng_keys, rng_counts, other = loop.split_model(model)
         steps_per_epoch = len(arrays[0]) // config.batch_size
-        schedule = loop.make_schedule(config, 1000, steps_per_epoch)
-        tx = loop.make_optimizer(config, schedule)
         mesh = parallel.make_mesh() if config.data_parallel else None
-        state = {"step": jnp.int32(0), "params": params, "rng_counts": rng_counts, "other": other,
-                 "opt_state": tx.init(params), "ema": None}
-        self.state = parallel.put_replicated(jax.tree.map(jnp.copy, state), mesh)
-        fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef,
-                                  rng_keys=parallel.put_replicated(rng_keys, mesh),
-                                  rng_counts=parallel.put_replicated(rng_counts, mesh), tx=tx, schedule=schedule,
-                                  steps_per_epoch=steps_per_epoch, mesh=mesh)
+        fns, self.state = loop_step(config, task, model, steps_per_epoch=steps_per_epoch, mesh=mesh)
         self.arrays = parallel.put_replicated(tuple(np.asarray(a) for a in arrays), mesh)
         self.order = parallel.put_replicated(
             loop.epoch_order(config.seed, 0, len(arrays[0]), steps_per_epoch * config.batch_size), mesh)

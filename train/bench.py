@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import loop, tasks
+from train import loop, parallel, tasks
 from train.config import TrainConfig
 
 
@@ -36,9 +36,10 @@ def synthetic_task(config: TrainConfig, image_shape=None, num_classes: int | Non
     return task
 
 
-def loop_step(config: TrainConfig, task, model, *, steps_per_epoch: int = 1):
+def loop_step(config: TrainConfig, task, model, *, steps_per_epoch: int = 1, mesh=None):
     """The jitted functions of `train.loop` for `model` and a fresh train state (no EMA) on a copy of
-    its weights (the step donates its state): what `zoo train` runs, for benchmarks.
+    its weights (the step donates its state): what `zoo train` runs, for benchmarks. With a `mesh`
+    (`train.parallel.make_mesh`), the data-parallel functions and a replicated state.
 
     Returns (fns, state): `fns.train_steps(state, (images, labels), order, n)`; `model` is left in eval mode.
     """
@@ -51,12 +52,14 @@ def loop_step(config: TrainConfig, task, model, *, steps_per_epoch: int = 1):
     model.eval()
     schedule = loop.make_schedule(config, 1000, steps_per_epoch)
     tx = loop.make_optimizer(config, schedule)
-    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef, rng_keys=rng_keys,
-                              rng_counts=rng_counts, tx=tx, schedule=schedule, steps_per_epoch=steps_per_epoch)
+    fns = loop.make_functions(config, task, train_graphdef=graphdef, eval_graphdef=eval_graphdef,
+                              rng_keys=parallel.put_replicated(rng_keys, mesh),
+                              rng_counts=parallel.put_replicated(rng_counts, mesh), tx=tx, schedule=schedule,
+                              steps_per_epoch=steps_per_epoch, mesh=mesh)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     state = jax.jit(lambda p, c, o: {"step": jnp.int32(0), "params": copy(p), "rng_counts": copy(c),
                                      "other": copy(o), "opt_state": tx.init(p), "ema": None})(params, rng_counts, other)
-    return fns, state
+    return fns, parallel.put_replicated(state, mesh)
 
 
 def measure(config: TrainConfig, steps: int, image_shape=None, num_classes: int | None = None) -> dict:
