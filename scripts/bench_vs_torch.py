@@ -11,15 +11,15 @@ is timed the parameter counts must be equal and the eval-mode logits agree (max 
 max |logit| below TOLERANCE).
 
 Rows, each timed with calls alternating between the sides (median of `repeats`; the first call of
-each side, which compiles, is timed on its own and reported apart):
+each side, which compiles, is timed on its own and reported apart, then two untimed rounds let the
+heap reach its steady size, as in any long run):
     infer: eval mode. Ours: `jax.jit` over `nnx.split` state. PyTorch: eager under
         `torch.no_grad()`, and `torch.compile` (inductor).
     train: one SGD step, Nesterov momentum 0.9, lr 0.01, softmax cross-entropy, train mode
         (dropout, stochastic depth, BatchNorm batch statistics). Ours: the library's own jitted
         update, `train.loop.make_functions` (what `zoo train` runs; the batch gathered by index from
         arrays on the device), and "plain-jit": the same update as one `jax.jit` of value_and_grad
-        and optax, as a user writes it by hand (the loop wraps its step in `lax.scan`, which XLA:CPU
-        runs slower for some models). PyTorch: model.train(), zero_grad, loss.backward(),
+        and optax, as a user writes it by hand. PyTorch: model.train(), zero_grad, loss.backward(),
         opt.step(), eager and compiled.
 FLOPs: the analytic count of `zoo.summarize` (2 x multiply-adds of convolutions and dense layers;
 the same network on both sides), training counted as 3x the forward pass. Peak: cores x 2 FMA

@@ -20,12 +20,15 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, *, w
     return _rounds(fns, repeats)
 
 
-def alternating_times(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict, dict]:
+def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, *, settle: int = 2) -> tuple[dict, dict]:
     """(median seconds per call, seconds of the first call) of each function.
 
-    The first call of each (compilation, warm-up) is timed on its own, then `repeats` rounds as in
-    `alternating_medians`. A function that raises in its first call is dropped (torch.compile
-    failing is a result, not a crash of the benchmark): its entry in both dicts is the exception.
+    The first call of each (compilation, warm-up) is timed on its own, then `settle` untimed rounds,
+    then `repeats` rounds as in `alternating_medians`. Settling: the heap grows to its steady size
+    over a training step's first calls (VGG-16's library step faulted in 1.2 GB of fresh pages in
+    each of its first two calls after compiling, none after), as in any long run. A function that
+    raises in its first call is dropped (torch.compile failing is a result, not a crash of the
+    benchmark): its entry in both dicts is the exception.
     """
     first, live = {}, {}
     for name, fn in fns.items():
@@ -37,6 +40,7 @@ def alternating_times(fns: dict[str, Callable[[], object]], repeats: int) -> tup
             continue
         first[name] = time.perf_counter() - start
         live[name] = fn
+    _rounds(live, settle)
     medians = _rounds(live, repeats)
     return {name: medians.get(name, first[name]) for name in fns}, first
 

@@ -85,6 +85,13 @@ def test_training_steps_send_large_convolutions_to_onednn_and_inference_its_forw
     assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(conv)(x, w))  # inference: the forward
     pointwise = jax.ShapeDtypeStruct((1, 1, 64, 256), jnp.float32)
     assert "fcnzoo_onednn" not in str(jax.make_jaxpr(conv)(x, pointwise))  # 1x1: XLA's fused product
+    # An MNIST net's 32->32 at 14x14: XLA's forward in inference, oneDNN's in training; at 56x56 oneDNN's.
+    narrow = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+    small = jax.ShapeDtypeStruct((128, 14, 14, 32), jnp.float32)
+    assert "fcnzoo_onednn" not in str(jax.make_jaxpr(conv)(small, narrow))
+    assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(grads)(small, narrow))
+    assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(conv)(jax.ShapeDtypeStruct((8, 56, 56, 32), jnp.float32),
+                                                                narrow))
     with cpu_conv.without_onednn():  # a fresh function: JAX caches traces by function
         assert "fcnzoo_onednn" not in str(jax.make_jaxpr(lambda x, w: grads(x, w))(x, w))
 
