@@ -16,7 +16,7 @@ Measured on the 2-core machine of docs/BENCHMARKS.md (batch 8 at 56x56 unless no
   - max-pooling's gradient skips select-and-scatter (`max_pool`, used by `zoo.layers.MaxPool`);
   - in a training step, oneDNN (zoo/onednn.py, when built) runs most forward convolutions and their
     input and kernel gradients, depthwise ones included (`_onednn_plan` says which, and why);
-    in inference the forward of those that are not 1x1 (`_conv`, `_grouped`).
+    in inference the forward of the same ones, narrow ones over small maps excepted (`_conv`, `_grouped`).
 Other convolutions keep XLA's forward kernel and input gradient, and so do small ones
 (`MIN_WORK`). Whole models, side by side:
 scripts/bench_cpu_conv.py (ResNet-50 training step 1.9x, EfficientNet-B0 5.8x, Xception 4.1x).
@@ -206,7 +206,7 @@ _transposed.defvjp(_transposed_fwd, _transposed_bwd)
 
 def _onednn_plan(x, w, strides, pads, groups):
     """Which of (forward, input gradient, kernel gradient) oneDNN runs in a training step, or None
-    for none of them (in inference the forward where it runs it in training, 1x1 kernels excepted: `_conv`).
+    for none of them (in inference the forward where it runs it in training: `_conv`).
 
     From scripts/bench_onednn.py (batch 8, ResNet/VGG/EfficientNet/Xception/MNIST layers; current
     path time / oneDNN's): oneDNN's forward is 1.1-1.4x faster on 3x3 and 1x1 kernels and 2.5x
@@ -274,14 +274,14 @@ def _uses_dot(kernel_shape) -> bool:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, pads, precision, plan):
     """The convolution; plan: whether oneDNN runs the (forward, input gradient, kernel gradient) of a
-    training step. Not differentiated (inference), oneDNN runs the forward of the same convolutions
-    except 1x1 kernels, which XLA:CPU runs as matrix products fused with their neighbours (YNNPACK).
-    Whole models, inference at batch 8: ResNet-50 1.14x, Xception 1.29x, VGG-16 1.49x faster than
-    XLA's convolutions, EfficientNet-B0 and an MNIST net unchanged (docs/BENCHMARKS.md, "oneDNN in
-    inference"); VGG-16 needs `dot_general`'s materialized input. Narrow convolutions over small maps
-    (`_narrow_on_small_map`) stay XLA's too."""
-    kh, kw, _, _ = w.shape
-    if plan[0] and not kh == kw == 1 and not _narrow_on_small_map(x, w, strides, pads):
+    training step. Not differentiated (inference), oneDNN runs the forward of the same convolutions,
+    except narrow ones over small maps (`_narrow_on_small_map`). Whole models, inference at batch 8:
+    ResNet-50 1.14x, Xception 1.29x, VGG-16 1.49x faster than XLA's convolutions, EfficientNet-B0
+    and an MNIST net unchanged (docs/BENCHMARKS.md, "oneDNN in inference"); VGG-16 needs
+    `dot_general`'s materialized input. 1x1 kernels too, since freed memory is retained
+    (zoo/allocator.py): Xception 1.09x, ResNet-50 1.00-1.02x, EfficientNet-B0 1.00-1.04x against
+    XLA's fused matrix products (with glibc's page faults they lost: ResNet-50 0.97x)."""
+    if plan[0] and not _narrow_on_small_map(x, w, strides, pads):
         return onednn.forward(x, w, strides, pads)
     return _forward(x, w, strides, pads, precision)
 
