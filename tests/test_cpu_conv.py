@@ -46,7 +46,7 @@ def value_and_grads(conv, x, w, strides, padding):
 
 @pytest.mark.parametrize("size, cin, cout, kernel, stride, padding", [
     (12, 1, 8, 3, 1, "SAME"),            # few input channels: im2col product
-    (10, 16, 8, 3, 1, "SAME"),           # one product per tap for the kernel gradient
+    (10, 16, 8, 3, 1, "SAME"),           # the kernel gradient as one product of im2col patches
     (11, 8, 4, 7, 2, "SAME"),            # ResNet-stem-like: 7x7, stride 2, odd size
     (9, 16, 8, 3, 2, "VALID"),
     (8, 40, 24, 1, 1, "VALID"),          # 1x1: one matrix product
@@ -54,6 +54,20 @@ def value_and_grads(conv, x, w, strides, padding):
     (9, 4, 4, 5, 1, ((2, 1), (0, 3))),   # explicit, asymmetric padding
 ])
 def test_conv_matches_xla(size, cin, cout, kernel, stride, padding, paths):
+    check_against_lax(size, cin, cout, kernel, stride, padding)
+
+
+@pytest.mark.parametrize("size, cin, cout, kernel, stride, padding", [(10, 16, 8, 3, 1, "SAME"),
+                                                                     (11, 8, 4, 7, 2, "SAME")])
+def test_kernel_gradient_per_tap_matches_xla(size, cin, cout, kernel, stride, padding, monkeypatch):
+    # Patches beyond KERNEL_GRAD_IM2COL_MAX: one product per kernel tap instead (XLA's paths only:
+    # oneDNN would take these kernel gradients itself).
+    monkeypatch.setattr(cpu_conv, "KERNEL_GRAD_IM2COL_MAX", 0)
+    with cpu_conv.without_onednn():
+        check_against_lax(size, cin, cout, kernel, stride, padding)
+
+
+def check_against_lax(size, cin, cout, kernel, stride, padding):
     kx, kw = jax.random.split(jax.random.key(size * cin + kernel))
     x = jax.random.normal(kx, (3, size, size + 1, cin))
     w = jax.random.normal(kw, (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)

@@ -8,7 +8,8 @@ Measured on the 2-core machine of docs/BENCHMARKS.md (batch 8 at 56x56 unless no
     a slow path in XLA:CPU: 540 ms for that 1x1 conv, 540 ms for a 3x3 32->32 at 28x28 with
     batch 128. Written as one product per kernel tap,
         dW[i, j] = x[:, i::s, j::s, :]^T  @  dy     ((C_in, N*H*W) @ (N*H*W, C_out)),
-    it takes 120 ms and 110 ms;
+    it takes 120 ms and 110 ms (and as one product of the im2col patches, while they are
+    small, less: `KERNEL_GRAD_IM2COL_MAX`);
   - kernels over few input channels (an MNIST net's first layer) run as im2col products,
     forward and backward (1 ms instead of 6 ms forward for 1->16 at 28x28, batch 128);
   - depthwise convolutions (EfficientNet, Xception) run as a sum of shifted views times
@@ -106,6 +107,14 @@ MIN_POOL_SIZE = 1 << 18  # input elements (an MNIST net's batch of 128 pools 1.6
 # Up to this many (taps x input channels), gather all taps into one matrix (im2col):
 # one big product beats many thin ones, and the patches are small.
 IM2COL_MAX_DEPTH = 64
+
+# Up to this many patch elements (N x Ho x Wo x taps x C_in), a kernel gradient XLA computes is one
+# product of the im2col patches with dy rather than one product per tap: ResNet-50's 7x7 stem
+# (batch 8: 59 MB of patches) made the training step 1.15x faster, an MNIST net's narrow layers
+# 1.11x, Xception's 32->64 1.04x (per tap, XLA:CPU splits each long product into many small
+# oneDNN sgemm calls, each taking a workspace from malloc). Beyond it, the per-tap products save the
+# memory (a batch of 256 would need 1.9 GB of patches for that stem).
+KERNEL_GRAD_IM2COL_MAX = 1 << 26
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -215,7 +224,8 @@ def _onednn_plan(x, w, strides, pads, groups):
     loses on a few-channel 7x7/2 stem forward (0.56x: XLA's convolution stays), on the input
     gradient of a one-channel 3x3 (0.27x: the im2col product's stays; a first layer's input
     gradient is rarely needed) and on the kernel gradient of narrow layers over small maps with
-    a large batch (MNIST's 16->32 at 14x14 0.43x, 32->64 at 7x7 0.61x: the per-tap products stay).
+    a large batch (MNIST's 16->32 at 14x14 0.43x, 32->64 at 7x7 0.61x, against per-tap products: XLA's
+    product stays, now of the im2col patches, `KERNEL_GRAD_IM2COL_MAX`).
     """
     if not _ONEDNN[0] or not onednn.supports(x, w, strides, pads, groups):
         return None
@@ -334,7 +344,8 @@ def _conv_bwd(strides, pads, precision, plan, residuals, dy):
         as_rows, by_rows = (lambda a: a.reshape(-1, a.shape[-1])), (((0,), (0,)), ((), ()))  # the N*H*W rows
     dy_rows = as_rows(dy)
     taps = _taps(padded, (kh, kw), dy.shape[1:3], strides)
-    if _uses_dot(w.shape):
+    patch_elements = dy.shape[0] * dy.shape[1] * dy.shape[2] * kh * kw * cin
+    if _uses_dot(w.shape) or _less(patch_elements, KERNEL_GRAD_IM2COL_MAX):
         patches = as_rows(jnp.concatenate(taps, axis=-1))
         dw = lax.dot_general(patches, dy_rows, by_rows, precision=precision)
     else:
