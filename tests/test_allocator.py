@@ -31,8 +31,8 @@ print(faults)
 
 
 def third_allocation_faults(mib: int = 64, **env) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(mib)], capture_output=True, text=True, timeout=120, check=False,
-                         env={**os.environ, **env})
+    out = subprocess.run([sys.executable, "-c", PROBE, str(mib)], capture_output=True, text=True, timeout=120,
+                         check=False, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     took, faults = out.stdout.split()[-2:]
     return took == "True", int(faults)
