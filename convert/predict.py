@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from convert.geometry import Geometry
+from zoo.fuse import conv_epilogues
 
 
 def enable_compilation_cache(directory: str | os.PathLike) -> None:
@@ -185,11 +186,13 @@ class DensePredictor:
         fold: fold every BatchNorm that follows a convolution into it first (`convert.fold_batchnorm`):
             the predictor runs in eval mode, where that is the same affine map, one pass fewer per
             BatchNorm. `folded_batchnorms` says how many were folded. `network` is not modified.
+        fuse: run each convolution's bias, residual sum and activation in its oneDNN call
+            (`zoo.fuse.conv_epilogues`; CPU with oneDNN only, the same scores to float rounding).
     """
 
     def __init__(self, network, *, bucketing: bool | None = None, ratio: float = 1.25, score_map: bool = False,
                  dtype=jnp.float32, tile: int | None = None, halo: int | None = None, batch: int = 1,
-                 devices=None, fold: bool = True):
+                 devices=None, fold: bool = True, fuse: bool = True):
         from convert.segment import SegmentationFCN
 
         self.fcn = network
@@ -240,6 +243,7 @@ class DensePredictor:
                                        else a, self._state)
         self._state = jax.device_put(self._state, self.devices[0])
         self._mesh_state = None
+        self._compiled_apply = conv_epilogues(self._apply) if fuse else self._apply
         self._executables: dict[tuple[int, int, int], object] = {}
         self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
         self.compilations = 0
@@ -344,10 +348,10 @@ class DensePredictor:
                 replicated, split = self._shardings()
                 state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), self._state)
                 spec = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=split)
-                compiled = jax.jit(self._apply, in_shardings=(replicated, split), out_shardings=split).lower(
-                    state, spec).compile()
+                compiled = jax.jit(self._compiled_apply, in_shardings=(replicated, split),
+                                   out_shardings=split).lower(state, spec).compile()
             else:
-                compiled = jax.jit(self._apply).lower(self._state, spec).compile()
+                compiled = jax.jit(self._compiled_apply).lower(self._state, spec).compile()
             self._executables[key] = compiled
             self.compile_seconds += time.perf_counter() - start
             self.compilations += 1

@@ -13,8 +13,9 @@ max |logit| below TOLERANCE).
 Rows, each timed with calls alternating between the sides (median of `repeats`; the first call of
 each side, which compiles, is timed on its own and reported apart, then two untimed rounds let the
 heap reach its steady size, as in any long run):
-    infer: eval mode. Ours: `jax.jit` over `nnx.split` state. PyTorch: eager under
-        `torch.no_grad()`, and `torch.compile` (inductor).
+    infer: eval mode. Ours: as `convert.DensePredictor` runs it (BatchNorms folded, convolution
+        epilogues in oneDNN's calls, `jax.jit` over `nnx.split` state: `zoo_inference`). PyTorch:
+        eager under `torch.no_grad()`, and `torch.compile` (inductor, its defaults).
     train: one SGD step, Nesterov momentum 0.9, lr 0.01, softmax cross-entropy, train mode
         (dropout, stochastic depth, BatchNorm batch statistics). Ours: the library's own jitted
         update, `train.loop.make_functions` (what `zoo train` runs; the batch gathered by index from
@@ -64,7 +65,9 @@ import torch_reference  # noqa: E402
 from side_by_side import alternating_times  # noqa: E402
 
 import zoo  # noqa: E402
+from convert.fold import fold_batchnorm  # noqa: E402
 from zoo import allocator  # noqa: E402
+from zoo.fuse import conv_epilogues  # noqa: E402
 
 TOLERANCE = 1e-4  # max |ours - torch| / max |torch logits|
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
@@ -157,12 +160,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def zoo_inference(model, *, fast_compile: bool = False) -> Callable:
-    """x (N, H, W, C) -> logits (numpy), `jax.jit` over `nnx.split` state; blocks until ready.
-    fast_compile: without XLA's backend optimizations (tests: compiles faster, runs slower)."""
-    graphdef, state = nnx.split(model)
+def zoo_inference(model, input_shape, *, fast_compile: bool = False) -> Callable:
+    """x (N, H, W, C) -> logits (numpy), as `convert.DensePredictor` runs a network: its BatchNorms
+    folded (`convert.fold_batchnorm`, traced at input_shape (H, W, C)), its convolution epilogues
+    in oneDNN's calls (`zoo.fuse.conv_epilogues`), `jax.jit` over the `nnx.split` state; blocks
+    until ready. fast_compile: without XLA's backend optimizations (tests: compiles faster, runs slower)."""
+    graphdef, state = nnx.split(fold_batchnorm(model, tuple(input_shape)))
     options = {"xla_backend_optimization_level": 0} if fast_compile else None
-    predict = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=options)
+    predict = jax.jit(conv_epilogues(lambda state, x: nnx.merge(graphdef, state)(x)), compiler_options=options)
     return lambda x: np.asarray(jax.block_until_ready(predict(state, x)))
 
 
@@ -185,7 +190,7 @@ def check_equal(ours, theirs, x: np.ndarray, *, device: str = "cpu", fast_compil
 
     A 4-D output (an FCN's score map, NCHW in torch) is compared in NHWC.
     """
-    a = zoo_inference(ours, fast_compile=fast_compile)(jnp.asarray(x))
+    a = zoo_inference(ours, x.shape[1:], fast_compile=fast_compile)(jnp.asarray(x))
     b = torch_inference(theirs, device=device)(to_torch_images(x, device)).cpu().numpy()
     if b.ndim == 4:
         b = b.transpose(0, 2, 3, 1)
@@ -332,7 +337,7 @@ def run_model(case: Case, repeats: int, *, compile_torch: bool = True, device: s
     result = {"case": case, "params": ours_params, "equal": equal, "flops": flops, "rows": []}
 
     xj, xt = jnp.asarray(x), to_torch_images(x, device)
-    infer = zoo_inference(ours)
+    infer = zoo_inference(ours, shape)
     eager = torch_inference(theirs, device=device)
     fns = {"ours": lambda: infer(xj), "eager": lambda: eager(xt)}
     if compile_torch:

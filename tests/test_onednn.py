@@ -92,6 +92,11 @@ def test_training_steps_send_large_convolutions_to_onednn_and_inference_its_forw
     assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(grads)(small, narrow))
     assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(conv)(jax.ShapeDtypeStruct((8, 56, 56, 32), jnp.float32),
                                                                 narrow))
+    # Depthwise ones below MIN_WORK too (XLA's: 12 ms for this one, oneDNN's 0.08 ms).
+    depthwise = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC,  # noqa: E731
+                                                           feature_group_count=1152)
+    assert "fcnzoo_onednn_conv_fwd" in str(jax.make_jaxpr(depthwise)(jax.ShapeDtypeStruct((8, 7, 7, 1152), jnp.float32),
+                                                                     jax.ShapeDtypeStruct((3, 3, 1, 1152), jnp.float32)))
     with cpu_conv.without_onednn():  # a fresh function: JAX caches traces by function
         assert "fcnzoo_onednn" not in str(jax.make_jaxpr(lambda x, w: grads(x, w))(x, w))
 

@@ -31,7 +31,12 @@ import numpy as np
 LIBRARY = Path(sys.prefix) / "lib" / "fcnzoo-onednn" / "libfcnzoo_onednn.so"
 _TARGETS = {"fwd": "fcnzoo_onednn_conv_fwd", "bwd_data": "fcnzoo_onednn_conv_bwd_data",
             "bwd_weights": "fcnzoo_onednn_conv_bwd_weights"}
+_POST_TARGET = "fcnzoo_onednn_conv_fwd_post"
 _KINDS = {"fwd": 0, "bwd_data": 1, "bwd_weights": 2}
+# The activations `forward_post` runs in the convolution's output pass (oneDNN eltwise post-ops),
+# by the code the native handler reads.
+ACTIVATIONS = {"relu": 1, "swish": 2, "sigmoid": 3}
+_BIAS, _SUM = 1, 2
 # 0: activations stay NHWC (oneDNN's nhwc kernels), kernels go to oneDNN's blocked format;
 # 1: every tensor in oneDNN's chosen (blocked) format, reordered at the boundaries.
 LAYOUT = 0
@@ -45,7 +50,7 @@ def _load():
         return None
     try:
         lib = ctypes.CDLL(str(LIBRARY))
-        for name in (*_TARGETS.values(), "fcnzoo_materialize"):
+        for name in (*_TARGETS.values(), _POST_TARGET, "fcnzoo_materialize"):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         lib.fcnzoo_onednn_prepare.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                               ctypes.c_int64]
@@ -74,12 +79,12 @@ def version() -> str | None:
     return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
-def _shape(x_shape, w_shape, strides, pads, groups, layout):
+def _shape(x_shape, w_shape, strides, pads, groups, layout, post=0):
     n, h, w, c = x_shape
     kh, kw, cin, cout = w_shape
     (plh, phh), (plw, phw) = pads
     oh, ow = (h + plh + phh - kh) // strides[0] + 1, (w + plw + phw - kw) // strides[1] + 1
-    return (n, h, w, c, kh, kw, cin, cout, oh, ow, *strides, plh, plw, phh, phw, groups, layout)
+    return (n, h, w, c, kh, kw, cin, cout, oh, ow, *strides, plh, plw, phh, phw, groups, layout, post)
 
 
 def implementations(x_shape, w_shape, strides, pads, groups=1, layout=None):
@@ -92,10 +97,10 @@ def implementations(x_shape, w_shape, strides, pads, groups=1, layout=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _implementations(x_shape, w_shape, strides, pads, groups, layout):
-    fields = (ctypes.c_int64 * 18)(*_shape(x_shape, w_shape, strides, pads, groups, layout))
+def _implementations(x_shape, w_shape, strides, pads, groups, layout, post=0, kinds=tuple(_KINDS.values())):
+    fields = (ctypes.c_int64 * 19)(*_shape(x_shape, w_shape, strides, pads, groups, layout, post))
     names = []
-    for kind in _KINDS.values():
+    for kind in kinds:
         buf = ctypes.create_string_buffer(256)
         if _state["lib"].fcnzoo_onednn_prepare(kind, fields, buf, len(buf)) != 0:
             return None
@@ -123,6 +128,31 @@ def supports(x, w, strides, pads, groups=1) -> bool:
         return False
     impls = implementations(tuple(x.shape), tuple(w.shape), tuple(strides), tuple(map(tuple, pads)), groups, LAYOUT)
     return impls is not None and not any(name.startswith("ref") for name in impls)
+
+
+def supports_post(x, w, strides, pads, groups=1, *, activation=None, residual=False) -> bool:
+    """Whether `forward_post` takes this convolution (as `supports`, with these post-ops)."""
+    if LAYOUT != 0 or not supports(x, w, strides, pads, groups):
+        return False
+    post = _BIAS | (_SUM if residual else 0) | (ACTIVATIONS[activation] << 2 if activation else 0)
+    impls = _implementations(tuple(x.shape), tuple(w.shape), tuple(strides), tuple(map(tuple, pads)), groups,
+                             LAYOUT, post, (_KINDS["fwd"],))
+    return impls is not None and not impls[0].startswith("ref")
+
+
+def forward_post(x, w, bias, residual, strides, pads, groups=1, activation=None):
+    """activation(conv(x, w) + bias [+ residual]) in one oneDNN call (its post-ops), for inference
+    (no gradient rule). bias (O,); residual None or the result's shape, whose buffer the result
+    takes (XLA copies it first if it is still needed); activation None or one of ACTIVATIONS.
+    Check `supports_post` first."""
+    (plh, phh), (plw, phw) = pads
+    operands = (x, w, bias) if residual is None else (x, w, bias, residual)
+    return jax.ffi.ffi_call(_POST_TARGET, jax.ShapeDtypeStruct(_out_shape(x.shape, w.shape, strides, pads),
+                                                                       jnp.float32),
+                            input_output_aliases={} if residual is None else {3: 0}, vmap_method="sequential")(
+        *operands, strides=np.array(strides, np.int64), pad_lo=np.array([plh, plw], np.int64),
+        pad_hi=np.array([phh, phw], np.int64), groups=np.int64(groups), layout=np.int64(LAYOUT),
+        activation=np.int64(ACTIVATIONS[activation] if activation else 0))
 
 
 def _call(kind, out_shape, a, b, strides, pads, groups):

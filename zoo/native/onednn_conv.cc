@@ -4,9 +4,12 @@
 //   fcnzoo_onednn_conv_fwd          (x, w)  -> y
 //   fcnzoo_onednn_conv_bwd_data     (dy, w) -> dx
 //   fcnzoo_onednn_conv_bwd_weights  (x, dy) -> dw
+//   fcnzoo_onednn_conv_fwd_post     (x, w, b[, r]) -> act(conv(x, w) + b [+ r])   (inference)
 // and fcnzoo_materialize (x) -> x, a fusion barrier (below).
-// Attributes: strides, pad_lo, pad_hi (2 each), groups, layout. The third tensor's shape is the
-// result's. layout 0: activations stay NHWC (oneDNN's nxc kernels), the kernel goes to the
+// Attributes: strides, pad_lo, pad_hi (2 each), groups, layout (and activation, for _post). The
+// third tensor's shape is the result's. The _post handler runs the bias, the residual sum and one
+// activation in the convolution's own output pass (oneDNN's post-ops); its result is r's buffer
+// (aliased by the caller), which oneDNN's sum post-op reads and overwrites. layout 0: activations stay NHWC (oneDNN's nxc kernels), the kernel goes to the
 // primitive's own blocked format; layout 1: every tensor in the primitive's chosen format, reordered
 // from and to NHWC/HWIO at the boundaries (measured no faster here; scripts/bench_onednn.py
 // --layout 1). Primitives are built once per shape and kept (a mutex-guarded cache); scratchpads
@@ -21,6 +24,8 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -43,10 +48,17 @@ dnnl::engine& Engine() {
 }
 
 // Shapes of one convolution: x (N, H, W, C), w (KH, KW, I, O), y (N, OH, OW, O).
+// post (forward only): bit 0 a bias, bit 1 a residual sum, bits 2-3 the activation (kActivations).
 struct Shape {
-  int64_t n, h, w, c, kh, kw, i, o, oh, ow, sh, sw, plh, plw, phh, phw, groups, layout;
+  int64_t n, h, w, c, kh, kw, i, o, oh, ow, sh, sw, plh, plw, phh, phw, groups, layout, post;
 };
-static_assert(sizeof(Shape) == 18 * sizeof(int64_t), "fcnzoo_onednn_prepare copies Shape as 18 int64s");
+static_assert(sizeof(Shape) == 19 * sizeof(int64_t), "fcnzoo_onednn_prepare copies Shape as 19 int64s");
+
+constexpr int64_t kBias = 1, kSum = 2;
+// post >> 2: none, relu, swish (x * sigmoid(x)), sigmoid.
+constexpr std::array<dnnl::algorithm, 4> kActivations{
+    dnnl::algorithm::undef, dnnl::algorithm::eltwise_relu, dnnl::algorithm::eltwise_swish,
+    dnnl::algorithm::eltwise_logistic};
 
 memory::desc Nhwc(int64_t n, int64_t c, int64_t h, int64_t w) {
   return memory::desc({n, c, h, w}, memory::data_type::f32, dims{h * w * c, 1, w * c, c});
@@ -76,6 +88,7 @@ struct Entry {
   dnnl::primitive primitive;
   memory::desc scratchpad;
   std::array<Slot, 3> slots;  // two inputs, then the output
+  memory::desc bias;          // forward with post & kBias: (O), plain
   std::string impl;           // oneDNN's name for the implementation it chose
 };
 
@@ -100,6 +113,27 @@ std::unique_ptr<Entry> Build(Kind kind, const Shape& s) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto entry = std::make_unique<Entry>();
   auto algo = dnnl::algorithm::convolution_direct;
+  if (kind == kFwd && s.post != 0) {
+    if ((s.post & kSum) && s.layout != 0) throw std::invalid_argument("a residual sum needs layout 0");
+    int64_t activation = s.post >> 2;
+    if (activation >= static_cast<int64_t>(kActivations.size())) throw std::invalid_argument("unknown activation");
+    dnnl::post_ops ops;
+    if (s.post & kSum) ops.append_sum(1.f);
+    // swish's alpha is the sigmoid's slope: x * sigmoid(1 * x).
+    if (activation != 0) ops.append_eltwise(kActivations[activation], activation == 2 ? 1.f : 0.f, 0.f);
+    attr.set_post_ops(ops);
+    entry->bias = memory::desc({s.o}, memory::data_type::f32, tag::a);
+    memory::desc ba = (s.post & kBias) ? entry->bias : memory::desc();
+    dnnl::convolution_forward::primitive_desc pd(e, dnnl::prop_kind::forward_inference, algo, xa, wa, ba, ya,
+                                                 strides, lo, hi, attr);
+    SetSlot(entry->slots[0], x, pd.src_desc(), DNNL_ARG_SRC, false);
+    SetSlot(entry->slots[1], w, pd.weights_desc(), DNNL_ARG_WEIGHTS, false);
+    SetSlot(entry->slots[2], y, pd.dst_desc(), DNNL_ARG_DST, true);
+    entry->scratchpad = pd.scratchpad_desc();
+    entry->impl = pd.impl_info_str();
+    entry->primitive = dnnl::convolution_forward(pd);
+    return entry;
+  }
   if (kind == kFwd) {
     dnnl::convolution_forward::primitive_desc pd(e, dnnl::prop_kind::forward_training, algo, xa, wa, ya,
                                                  strides, lo, hi, attr);
@@ -134,11 +168,11 @@ std::unique_ptr<Entry> Build(Kind kind, const Shape& s) {
 }
 
 const Entry& Lookup(Kind kind, const Shape& s) {
-  using Key = std::array<int64_t, 19>;
+  using Key = std::array<int64_t, 20>;
   static std::mutex mutex;
   static std::map<Key, std::unique_ptr<Entry>> cache;
   Key key{kind, s.n, s.h, s.w, s.c, s.kh, s.kw, s.i, s.o, s.oh, s.ow, s.sh, s.sw, s.plh, s.plw, s.phh, s.phw,
-          s.groups, s.layout};
+          s.groups, s.layout, s.post};
   std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(key);
   if (found == cache.end()) found = cache.emplace(key, Build(kind, s)).first;  // under the lock: once per shape
@@ -171,7 +205,10 @@ struct Buffer {
   ~Buffer() { Release(); }
 };
 
-ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
+// bias: (O) for post & kBias. residual: what the sum post-op adds, already in out when the caller
+// aliased it (else copied there first).
+ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s, void* bias = nullptr,
+               const void* residual = nullptr) {
   const Entry* entry;
   try {
     entry = &Lookup(kind, s);
@@ -203,6 +240,9 @@ ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
       if (k < 2) slot.to_prim_or_back.execute(stream, user, prim);
       args.emplace(slot.arg, prim);
     }
+    if (s.post & kBias) args.emplace(DNNL_ARG_BIAS, memory(entry->bias, Engine(), bias));
+    if ((s.post & kSum) && residual != out)
+      std::memcpy(out, residual, s.n * s.oh * s.ow * s.o * sizeof(float));
     if (entry->scratchpad.get_size() > 0)
       args.emplace(DNNL_ARG_SCRATCHPAD,
                    memory(entry->scratchpad, Engine(), buffers[3].Get(entry->scratchpad.get_size())));
@@ -222,18 +262,30 @@ ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s) {
 
 Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
-                int64_t groups, int64_t layout) {
+                int64_t groups, int64_t layout, int64_t post = 0) {
   return Shape{x[0], x[1], x[2], x[3], w[0], w[1], w[2], w[3], y[1], y[2], strides[0], strides[1],
-               lo[0], lo[1], hi[0], hi[1], groups, layout};
+               lo[0], lo[1], hi[0], hi[1], groups, layout, post};
 }
 
 using F32 = ffi::Buffer<ffi::F32, 4>;
+using F32Vector = ffi::Buffer<ffi::F32, 1>;
 using Ints = ffi::Span<const int64_t>;
 
 ffi::Error ConvFwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32, 4> y, Ints strides, Ints lo, Ints hi,
                    int64_t groups, int64_t layout) {
   Shape s = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), strides, lo, hi, groups, layout);
   return Run(kFwd, x.untyped_data(), w.untyped_data(), y->untyped_data(), s);
+}
+
+// post's kBias and kSum bits come from the operands: b always (zeros where the layer had none),
+// r when given.
+ffi::Error ConvFwdPost(F32 x, F32 w, F32Vector b, std::optional<F32> r,
+                       ffi::ResultBuffer<ffi::F32, 4> y, Ints strides, Ints lo, Ints hi, int64_t groups,
+                       int64_t layout, int64_t activation) {
+  int64_t post = kBias | (r.has_value() ? kSum : 0) | (activation << 2);
+  Shape s = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), strides, lo, hi, groups, layout, post);
+  return Run(kFwd, x.untyped_data(), w.untyped_data(), y->untyped_data(), s, b.untyped_data(),
+             r.has_value() ? r->untyped_data() : nullptr);
 }
 
 ffi::Error ConvBwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32, 4> dx, Ints strides, Ints lo, Ints hi,
@@ -262,6 +314,19 @@ ffi::Error ConvBwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, Ints
       .Attr<int64_t>("layout")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_fwd, ConvFwd, FCNZOO_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_fwd_post, ConvFwdPost,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32Vector>()
+                                  .OptionalArg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("pad_lo")
+                                  .Attr<Ints>("pad_hi")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("layout")
+                                  .Attr<int64_t>("activation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_bwd_data, ConvBwdData, FCNZOO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_conv_bwd_weights, ConvBwdWeights, FCNZOO_CONV_BINDING);
 
@@ -278,12 +343,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_materialize, Materialize,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // Builds (and caches) the primitive for one convolution ahead of its first run, so that a shape
-// oneDNN does not take is known at trace time. shape: the 18 fields of Shape, in order. Writes
+// oneDNN does not take is known at trace time. shape: the 19 fields of Shape, in order. Writes
 // the implementation's name (e.g. "brg:avx2", "jit:avx2", "gemm:jit") into impl; returns 0 on
 // success, 1 if oneDNN refuses the shape (its message in impl).
 extern "C" int fcnzoo_onednn_prepare(int64_t kind, const int64_t* shape, char* impl, int64_t impl_size) {
   Shape s;
-  std::copy(shape, shape + 18, &s.n);
+  std::copy(shape, shape + 19, &s.n);
   std::string info;
   int status = 0;
   try {
