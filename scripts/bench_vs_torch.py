@@ -1,7 +1,8 @@
 """Throughput of zoo models vs the same networks in plain PyTorch: same weights, same batch, one process.
 
     .venv/bin/python scripts/bench_vs_torch.py [--models resnet50,vgg16_fcn] [--repeats 5] [--quick]
-                                               [--no-compile] [--device cpu|cuda] [--allocator retain|glibc]
+                                               [--no-compile] [--inference-only] [--device cpu|cuda]
+                                               [--allocator retain|glibc]
 
 Models: resnet50, efficientnet_b0, vgg16, xception (batch 8 at the registry's input size:
 224, 224, 224, 299), mnistnet (batch 128 at 28x28) and vgg16_fcn (VGG-16 through
@@ -315,7 +316,8 @@ def forward_flops(model, input_shape) -> int:
     return int(zoo.summarize(model, tuple(input_shape), batch_size=1, xla=False).flops)
 
 
-def run_model(case: Case, repeats: int, *, compile_torch: bool = True, device: str = "cpu", log=print) -> dict:
+def run_model(case: Case, repeats: int, *, compile_torch: bool = True, device: str = "cpu", train: bool = True,
+              log=print) -> dict:
     """Build, check and time one Case: {"case", "params", "equal", "flops", "rows": [...]}."""
     rng = np.random.default_rng(0)
     start = time.perf_counter()
@@ -348,7 +350,7 @@ def run_model(case: Case, repeats: int, *, compile_torch: bool = True, device: s
                            "flops": flops})
     log(_row_log(case, "infer", medians, first))
 
-    if case.train:
+    if case.train and train:
         y = rng.integers(0, spec.num_classes, case.batch)
         yt = torch.from_numpy(y.astype(np.int64)).to(device)
         fns = {"ours": zoo_train_step(ours, x, y), "ours_plain": zoo_plain_train_step(ours, x, y),
@@ -464,7 +466,7 @@ def _json_value(value):
 
 
 def run_table(names, *, device: str = "cpu", quick: bool = False, repeats: int = 5, compile_torch: bool = True,
-              log=print) -> dict:
+              train: bool = True, log=print) -> dict:
     """Run the benchmark for the models `names` (keys of `cases()`); JSON-ready results.
 
     Returns {"torch", "torch_threads", "device", "peak_flops", "peak", "rows", "checks", "table",
@@ -481,7 +483,8 @@ def run_table(names, *, device: str = "cpu", quick: bool = False, repeats: int =
     results, errors = [], {}
     for name in names:
         try:
-            results.append(run_model(table[name], repeats, compile_torch=compile_torch, device=device, log=log))
+            results.append(run_model(table[name], repeats, compile_torch=compile_torch, device=device, train=train,
+                                     log=log))
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001 - one model failing leaves the others' rows
@@ -540,6 +543,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and row (default 5)")
     parser.add_argument("--quick", action="store_true", help="tiny inputs and batches (a smoke test)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--inference-only", action="store_true", help="skip the training rows")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch's side; JAX uses its default device)")
     parser.add_argument("--allocator", choices=("retain", "glibc"), default="retain",
                         help="retain (default): freed memory stays for reuse, so neither side's calls fault in "
@@ -571,7 +575,7 @@ def main(argv=None) -> int:
         report = _run_in_fresh_processes(names, argv if argv is not None else sys.argv[1:])
     else:
         report = run_table(names, device=args.device, quick=args.quick, repeats=args.repeats,
-                           compile_torch=not args.no_compile)
+                           compile_torch=not args.no_compile, train=not args.inference_only)
     if args.tables_to:
         Path(args.tables_to).write_text(json.dumps({k: report[k] for k in TABLES + ("peak_flops", "errors")}))
     peak = report["peak_flops"]

@@ -32,6 +32,7 @@ LIBRARY = Path(sys.prefix) / "lib" / "fcnzoo-onednn" / "libfcnzoo_onednn.so"
 _TARGETS = {"fwd": "fcnzoo_onednn_conv_fwd", "bwd_data": "fcnzoo_onednn_conv_bwd_data",
             "bwd_weights": "fcnzoo_onednn_conv_bwd_weights"}
 _POST_TARGET = "fcnzoo_onednn_conv_fwd_post"
+_POOL_TARGET = "fcnzoo_onednn_max_pool"
 _KINDS = {"fwd": 0, "bwd_data": 1, "bwd_weights": 2}
 # The activations `forward_post` runs in the convolution's output pass (oneDNN eltwise post-ops),
 # by the code the native handler reads.
@@ -50,11 +51,13 @@ def _load():
         return None
     try:
         lib = ctypes.CDLL(str(LIBRARY))
-        for name in (*_TARGETS.values(), _POST_TARGET, "fcnzoo_materialize"):
+        for name in (*_TARGETS.values(), _POST_TARGET, _POOL_TARGET, "fcnzoo_materialize"):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         lib.fcnzoo_onednn_prepare.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
                                               ctypes.c_int64]
         lib.fcnzoo_onednn_prepare.restype = ctypes.c_int
+        lib.fcnzoo_onednn_prepare_pool.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
+        lib.fcnzoo_onednn_prepare_pool.restype = ctypes.c_int
         return lib
     except Exception as err:  # noqa: BLE001  (any failure to load or register: fall back, never crash)
         # One line (no source line under it): where it was asked from does not matter.
@@ -153,6 +156,50 @@ def forward_post(x, w, bias, residual, strides, pads, groups=1, activation=None)
         *operands, strides=np.array(strides, np.int64), pad_lo=np.array([plh, plw], np.int64),
         pad_hi=np.array([phh, phw], np.int64), groups=np.int64(groups), layout=np.int64(LAYOUT),
         activation=np.int64(ACTIVATIONS[activation] if activation else 0))
+
+
+def _pool_fields(x_shape, window, strides, pads):
+    n, h, w, c = x_shape
+    (plh, phh), (plw, phw) = pads
+    oh, ow = (h + plh + phh - window[0]) // strides[0] + 1, (w + plw + phw - window[1]) // strides[1] + 1
+    return (n, h, w, c, oh, ow, *window, *strides, plh, plw, phh, phw)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_implementation(fields):
+    buf = ctypes.create_string_buffer(256)
+    if _state["lib"].fcnzoo_onednn_prepare_pool((ctypes.c_int64 * 14)(*fields), buf, len(buf)) != 0:
+        return None
+    return buf.value.decode()
+
+
+def supports_max_pool(x, window, strides, pads) -> bool:
+    """Whether `max_pool` takes this pooling: static float32 NHWC, non-negative padding smaller
+    than the window, an optimized oneDNN implementation."""
+    if not available() or x.dtype != jnp.float32 or x.ndim != 4:
+        return False
+    sizes = (*x.shape, *sum(pads, ()))
+    if not all(isinstance(d, (int, np.integer)) for d in sizes) or x.size > MAX_ELEMENTS:
+        return False
+    if any(p < 0 or p >= k for (lo, hi), k in zip(pads, window) for p in (lo, hi)):
+        return False
+    fields = _pool_fields(tuple(x.shape), tuple(window), tuple(strides), tuple(map(tuple, pads)))
+    if min(fields[4:6]) < 1:
+        return False
+    impl = _pool_implementation(fields)
+    return impl is not None and not impl.startswith("ref")
+
+
+def max_pool(x, window, strides, pads):
+    """Max pooling x (N, H, W, C) -> (N, H', W', C) with oneDNN, windows (kh, kw), pads ((top, bottom),
+    (left, right)) where the padding never wins (as XLA's reduce_window from -inf). No gradient
+    rule (`zoo.cpu_conv.max_pool` has one); check `supports_max_pool` first."""
+    fields = _pool_fields(x.shape, window, strides, pads)
+    (plh, phh), (plw, phw) = pads
+    out_shape = (fields[0], fields[4], fields[5], fields[3])
+    return jax.ffi.ffi_call(_POOL_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")(
+        x, window=np.array(window, np.int64), strides=np.array(strides, np.int64),
+        pad_lo=np.array([plh, plw], np.int64), pad_hi=np.array([phh, phw], np.int64))
 
 
 def _call(kind, out_shape, a, b, strides, pads, groups):

@@ -5,6 +5,7 @@
 //   fcnzoo_onednn_conv_bwd_data     (dy, w) -> dx
 //   fcnzoo_onednn_conv_bwd_weights  (x, dy) -> dw
 //   fcnzoo_onednn_conv_fwd_post     (x, w, b[, r]) -> act(conv(x, w) + b [+ r])   (inference)
+//   fcnzoo_onednn_max_pool          (x) -> y     (attributes window, strides, pad_lo, pad_hi)
 // and fcnzoo_materialize (x) -> x, a fusion barrier (below).
 // Attributes: strides, pad_lo, pad_hi (2 each), groups, layout (and activation, for _post). The
 // third tensor's shape is the result's. The _post handler runs the bias, the residual sum and one
@@ -207,6 +208,19 @@ struct Buffer {
 
 // bias: (O) for post & kBias. residual: what the sum post-op adds, already in out when the caller
 // aliased it (else copied there first).
+// XLA may run two custom calls at once on its own threads; each oneDNN primitive already uses
+// every core (OpenMP), so one at a time: two would oversubscribe the cores.
+std::unique_lock<std::mutex> OneAtATime() {
+  static const bool serial = [] {
+    const char* v = std::getenv("FCNZOO_ONEDNN_SERIAL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  static std::mutex running;
+  std::unique_lock<std::mutex> lock(running, std::defer_lock);
+  if (serial) lock.lock();
+  return lock;
+}
+
 ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s, void* bias = nullptr,
                const void* residual = nullptr) {
   const Entry* entry;
@@ -215,15 +229,7 @@ ffi::Error Run(Kind kind, void* in0, void* in1, void* out, const Shape& s, void*
   } catch (const std::exception& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN primitive: ") + err.what());
   }
-  // XLA may run two custom calls at once on its own threads; each oneDNN primitive already uses
-  // every core (OpenMP), so one at a time: two would oversubscribe the cores.
-  static const bool serial = [] {
-    const char* v = std::getenv("FCNZOO_ONEDNN_SERIAL");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  static std::mutex running;
-  std::unique_lock<std::mutex> one_at_a_time(running, std::defer_lock);
-  if (serial) one_at_a_time.lock();
+  std::unique_lock<std::mutex> one_at_a_time = OneAtATime();
   thread_local std::array<Buffer, 4> buffers;
   thread_local dnnl::stream stream(Engine());
   void* data[3] = {in0, in1, out};
@@ -300,7 +306,88 @@ ffi::Error ConvBwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, Ints
   return Run(kBwdWeights, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), s);
 }
 
+// Max pooling, NHWC in and out (forward only: zoo.cpu_conv's gradient needs just x and y).
+// shape: n, h, w, c, oh, ow, kh, kw, sh, sw, plh, plw, phh, phw.
+using PoolShape = std::array<int64_t, 14>;
+
+struct PoolEntry {
+  dnnl::pooling_forward primitive;
+  std::string impl;
+};
+
+const PoolEntry& LookupPool(const PoolShape& s) {
+  static std::mutex mutex;
+  static std::map<PoolShape, std::unique_ptr<PoolEntry>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(s);
+  if (found == cache.end()) {
+    auto& e = Engine();
+    dnnl::pooling_forward::primitive_desc pd(e, dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max,
+                                             Nhwc(s[0], s[3], s[1], s[2]), Nhwc(s[0], s[3], s[4], s[5]),
+                                             dims{s[8], s[9]}, dims{s[6], s[7]}, dims{0, 0}, dims{s[10], s[11]},
+                                             dims{s[12], s[13]});
+    auto entry = std::make_unique<PoolEntry>();
+    entry->impl = pd.impl_info_str();
+    entry->primitive = dnnl::pooling_forward(pd);
+    found = cache.emplace(s, std::move(entry)).first;
+  }
+  return *found->second;
+}
+
+ffi::Error MaxPool(F32 x, ffi::ResultBuffer<ffi::F32, 4> y, Ints window, Ints strides, Ints lo, Ints hi) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  PoolShape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], window[0], window[1], strides[0], strides[1],
+              lo[0], lo[1], hi[0], hi[1]};
+  try {
+    const PoolEntry& entry = LookupPool(s);
+    std::unique_lock<std::mutex> one_at_a_time = OneAtATime();
+    thread_local dnnl::stream stream(Engine());
+    auto& e = Engine();
+    entry.primitive.execute(stream, {{DNNL_ARG_SRC, memory(Nhwc(s[0], s[3], s[1], s[2]), e, x.untyped_data())},
+                                     {DNNL_ARG_DST, memory(Nhwc(s[0], s[3], s[4], s[5]), e, y->untyped_data())}});
+    stream.wait();
+  } catch (const std::exception& err) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN max pooling: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fcnzoo_onednn_max_pool, MaxPool,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<Ints>("window")
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("pad_lo")
+                                  .Attr<Ints>("pad_hi"));
+
+// info into impl (impl_size bytes, NUL-terminated, cut to fit); returns status.
+static int WriteInfo(const std::string& info, int status, char* impl, int64_t impl_size) {
+  if (impl_size > 0) {
+    size_t n = std::min<size_t>(info.size(), impl_size - 1);
+    std::copy(info.begin(), info.begin() + n, impl);
+    impl[n] = '\0';
+  }
+  return status;
+}
+
+// The implementation oneDNN picks for a max pooling of shape (PoolShape's 14 fields), built and
+// cached ahead of its first run; as fcnzoo_onednn_prepare.
+extern "C" int fcnzoo_onednn_prepare_pool(const int64_t* shape, char* impl, int64_t impl_size) {
+  PoolShape s;
+  std::copy(shape, shape + 14, s.begin());
+  std::string info;
+  int status = 0;
+  try {
+    info = LookupPool(s).impl;
+  } catch (const std::exception& err) {
+    info = err.what();
+    status = 1;
+  }
+  return WriteInfo(info, status, impl, impl_size);
+}
 
 #define FCNZOO_CONV_BINDING                                                        \
   ffi::Ffi::Bind()                                                                          \
@@ -357,12 +444,7 @@ extern "C" int fcnzoo_onednn_prepare(int64_t kind, const int64_t* shape, char* i
     info = err.what();
     status = 1;
   }
-  if (impl_size > 0) {
-    size_t n = std::min<size_t>(info.size(), impl_size - 1);
-    std::copy(info.begin(), info.begin() + n, impl);
-    impl[n] = '\0';
-  }
-  return status;
+  return WriteInfo(info, status, impl, impl_size);
 }
 
 // The oneDNN version this library runs with, as major * 10000 + minor * 100 + patch.
