@@ -97,3 +97,13 @@ def test_nothing_fuses_without_onednn_calls():
     got, want = jax.jit(conv_epilogues(forward))(state, x), jax.jit(forward)(state, x)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+@needs_onednn
+def test_a_convolution_the_function_returns_is_left_alone():
+    x, w = jnp.ones((2, 24, 24, 32)), jnp.ones((3, 3, 32, 32)) / 288
+    conv = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+    assert onednn._TARGETS["fwd"] in str(jax.make_jaxpr(conv)(x, w)) and not fusions(conv, x, w)
+    returned_and_added = lambda x, w: (conv(x, w), conv(x, w) + 1.0)  # noqa: E731
+    assert not fusions(returned_and_added, x, w)
+    np.testing.assert_array_equal(jax.jit(conv_epilogues(conv))(x, w), jax.jit(conv)(x, w))

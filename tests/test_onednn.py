@@ -170,13 +170,13 @@ def test_transposed_convolutions_are_onednn_and_equal_xla(factor, pads, channels
 
 @needs_onednn
 @pytest.mark.parametrize("shape, window, strides, pads", [
-    ((2, 64, 64, 33), (3, 3), (2, 2), ((1, 1), (1, 1))),   # ResNet's stem pooling, odd channels
-    ((2, 65, 63, 33), (2, 2), (2, 2), ((0, 0), (0, 0))),   # VGG's, odd sizes (the last row/column unseen)
-    ((1, 75, 75, 48), (3, 3), (2, 2), ((0, 1), (0, 1))),   # Xception's SAME: asymmetric padding
+    ((2, 128, 128, 65), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pooling, odd channels
+    ((2, 129, 127, 65), (2, 2), (2, 2), ((0, 0), (0, 0))),  # VGG's, odd sizes (the last row/column unseen)
+    ((1, 183, 183, 64), (3, 3), (2, 2), ((0, 1), (0, 1))),  # Xception's SAME: asymmetric padding
 ])
 def test_max_pooling_is_onednn_and_equals_xla_with_its_gradient(shape, window, strides, pads):
     x = jax.random.normal(jax.random.key(shape[1]), shape)
-    assert x.size >= cpu_conv.MIN_POOL_SIZE and onednn.supports_max_pool(x, window, strides, pads)
+    assert x.size >= cpu_conv.ONEDNN_POOL_MIN_SIZE and onednn.supports_max_pool(x, window, strides, pads)
     pool = lambda x: cpu_conv.max_pool(x, window, strides, pads)  # noqa: E731
     assert onednn._POOL_TARGET in str(jax.make_jaxpr(pool)(x))
     reference = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),  # noqa: E731

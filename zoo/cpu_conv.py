@@ -103,6 +103,11 @@ def without_onednn():
 # EfficientNet-B0 forward/backward at 32x32 compiles in 12 s instead of 24 s).
 MIN_WORK = 1 << 22
 MIN_POOL_SIZE = 1 << 18  # input elements (an MNIST net's batch of 128 pools 1.6 M)
+# From this many input elements, oneDNN runs max pooling's forward pass: batch 8, 3x3/2 over ResNet-50's
+# 112x112x64 in 1.5 ms, XLA's reduce_window in 8.6 ms (Xception's 147x147x128: 4.2 and 26 ms). It wins
+# alone on smaller maps too, but inside an MNIST net's inference (batch 128; pools of 1.6 M and 0.8 M
+# between XLA's convolutions) the call took 6.1 ms with both on oneDNN and 3.5 ms with neither.
+ONEDNN_POOL_MIN_SIZE = 1 << 21
 
 # Up to this many (taps x input channels), gather all taps into one matrix (im2col):
 # one big product beats many thin ones, and the patches are small.
@@ -444,8 +449,7 @@ def _max_pool(x, window, strides, pads):
 
 
 def _reduce_max(x, window, strides, pads):
-    if _ONEDNN[0] and onednn.supports_max_pool(x, window, strides, pads):
-        # oneDNN's: batch 8, 3x3/2 over ResNet-50's 112x112x64 in 1.1 ms, XLA's reduce_window 8.5 ms.
+    if _ONEDNN[0] and not _less(x.size, ONEDNN_POOL_MIN_SIZE) and onednn.supports_max_pool(x, window, strides, pads):
         return onednn.max_pool(x, window, strides, pads)
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
                              ((0, 0), *pads, (0, 0)))

@@ -178,7 +178,8 @@ def _chains(jaxpr) -> dict[int, _Chain]:
         parts = set()
         # Two chains can reach one eqn (a block's last convolution and its projection shortcut, both
         # into the residual sum): the first takes it, the second stops before it.
-        while uses[value] == 1 and consumer[value] not in claimed and not parts & set(onednn.ACTIVATIONS):
+        while uses[value] == 1 and value in consumer and consumer[value] not in claimed \
+                and not parts & set(onednn.ACTIVATIONS):
             step = jaxpr.eqns[consumer[value]]
             others = [v for v in step.invars if v is not value]
             part = operand = None
