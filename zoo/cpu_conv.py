@@ -232,11 +232,12 @@ def _onednn_plan(x, w, strides, pads, groups):
     on an FCN's 7x7x512->4096 fc6, its input gradient 1.1-3.3x, its kernel gradient 1.6-4.5x
     (3.4x on a 3x3 64->64 at 56x56); depthwise 1.3-2.3x forward, 1.3-16x and 4-11x backward;
     few-channel stems 1.8x (ResNet's 7x7/2, 9.8 -> 5.4 ms) and 3.0x (AlexNet's 11x11/4), with
-    freed memory retained (with glibc's page faults the 7x7/2 lost, 0.56x). It loses on the input
-    gradient of a one-channel 3x3 (0.27x: the im2col product's stays; a first layer's input
-    gradient is rarely needed) and on the kernel gradient of narrow layers over small maps with
-    a large batch (MNIST's 16->32 at 14x14 0.43x, 32->64 at 7x7 0.61x, against per-tap products: XLA's
-    product stays, now of the im2col patches, `KERNEL_GRAD_IM2COL_MAX`).
+    freed memory retained (with glibc's page faults the 7x7/2 lost, 0.56x), and so are the kernel
+    gradients of narrow layers over small maps (batch 128: MNIST's 16->32 and 32->32 at 14x14,
+    32->64 at 7x7 in 0.9, 1.8 and 0.7 ms against 4.8, 8.9 and 2.3 ms as XLA's product of the im2col
+    patches; the MNIST net's training step 25.8 -> 19.3 ms; with page faults they had lost, 0.43x).
+    It loses on the input gradient of a one-channel 3x3 (0.27x: the im2col product's stays; a first
+    layer's input gradient is rarely needed).
     """
     if not _ONEDNN[0] or not onednn.supports(x, w, strides, pads, groups):
         return None
@@ -245,8 +246,7 @@ def _onednn_plan(x, w, strides, pads, groups):
     kh, kw, cin, cout = w.shape
     im2col = kh * kw * cin <= IM2COL_MAX_DEPTH
     input_grad = not im2col or kh == kw == 1
-    kernel_grad = im2col or cin * cout >= 4096
-    return True, input_grad, kernel_grad
+    return True, input_grad, True
 
 
 def _xla_conv(x, w, strides, pads, **kwargs):
