@@ -114,7 +114,9 @@ std::unique_ptr<Entry> Build(Kind kind, const Shape& s) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto entry = std::make_unique<Entry>();
   auto algo = dnnl::algorithm::convolution_direct;
-  if (kind == kFwd && s.post != 0) {
+  if (kind == kFwd) {
+    // Post-ops only in inference (zoo.fuse); without them, the forward pass of a training step.
+    auto prop = s.post != 0 ? dnnl::prop_kind::forward_inference : dnnl::prop_kind::forward_training;
     if ((s.post & kSum) && s.layout != 0) throw std::invalid_argument("a residual sum needs layout 0");
     int64_t activation = s.post >> 2;
     if (activation >= static_cast<int64_t>(kActivations.size())) throw std::invalid_argument("unknown activation");
@@ -124,20 +126,8 @@ std::unique_ptr<Entry> Build(Kind kind, const Shape& s) {
     if (activation != 0) ops.append_eltwise(kActivations[activation], activation == 2 ? 1.f : 0.f, 0.f);
     attr.set_post_ops(ops);
     entry->bias = memory::desc({s.o}, memory::data_type::f32, tag::a);
-    memory::desc ba = (s.post & kBias) ? entry->bias : memory::desc();
-    dnnl::convolution_forward::primitive_desc pd(e, dnnl::prop_kind::forward_inference, algo, xa, wa, ba, ya,
-                                                 strides, lo, hi, attr);
-    SetSlot(entry->slots[0], x, pd.src_desc(), DNNL_ARG_SRC, false);
-    SetSlot(entry->slots[1], w, pd.weights_desc(), DNNL_ARG_WEIGHTS, false);
-    SetSlot(entry->slots[2], y, pd.dst_desc(), DNNL_ARG_DST, true);
-    entry->scratchpad = pd.scratchpad_desc();
-    entry->impl = pd.impl_info_str();
-    entry->primitive = dnnl::convolution_forward(pd);
-    return entry;
-  }
-  if (kind == kFwd) {
-    dnnl::convolution_forward::primitive_desc pd(e, dnnl::prop_kind::forward_training, algo, xa, wa, ya,
-                                                 strides, lo, hi, attr);
+    memory::desc ba = (s.post & kBias) ? entry->bias : memory::desc();  // an empty desc: no bias
+    dnnl::convolution_forward::primitive_desc pd(e, prop, algo, xa, wa, ba, ya, strides, lo, hi, attr);
     SetSlot(entry->slots[0], x, pd.src_desc(), DNNL_ARG_SRC, false);
     SetSlot(entry->slots[1], w, pd.weights_desc(), DNNL_ARG_WEIGHTS, false);
     SetSlot(entry->slots[2], y, pd.dst_desc(), DNNL_ARG_DST, true);
