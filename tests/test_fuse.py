@@ -107,3 +107,21 @@ def test_a_convolution_the_function_returns_is_left_alone():
     returned_and_added = lambda x, w: (conv(x, w), conv(x, w) + 1.0)  # noqa: E731
     assert not fusions(returned_and_added, x, w)
     np.testing.assert_array_equal(jax.jit(conv_epilogues(conv))(x, w), jax.jit(conv)(x, w))
+
+
+@needs_onednn
+def test_zero_padding_before_a_convolution_becomes_its_padding():
+    x = jax.random.normal(jax.random.key(2), (2, 25, 25, 64))
+    w, b = jax.random.normal(jax.random.key(3), (3, 3, 64, 64)) / 24, jnp.linspace(-1, 1, 64)
+    conv = lambda x: cpu_conv.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=NHWC)  # noqa: E731
+    variants = {  # padding -> what fuses
+        "zeros, bottom/right (EfficientNet's)": (lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))), "pad+bias+relu"),
+        "lax.pad, all sides": (lambda x: lax.pad(x, 0.0, ((0, 0, 0), (1, 1, 0), (2, 1, 0), (0, 0, 0))), "pad+bias+relu"),
+        "ones": (lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=1.0), "bias+relu"),
+        "over channels": (lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 1)))[..., :64], "bias+relu"),
+    }
+    for name, (pad, fused) in variants.items():
+        forward = lambda x, pad=pad: jax.nn.relu(conv(pad(x)) + b)  # noqa: E731
+        assert fusions(forward, x) == {fused: 1}, name
+        np.testing.assert_allclose(jax.jit(conv_epilogues(forward))(x), jax.jit(forward)(x), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)

@@ -68,12 +68,24 @@ def fusions(fn, *args) -> Counter:
 
 class _Chain:
     """One convolution and the epilogue eqns after it: `steps` are (eqn index, part, operand), part
-    "bias", "sum" or an activation's name, in order; the last step's output is the chain's result."""
+    "bias", "sum" or an activation's name, in order; the last step's output is the chain's result
+    (the convolution's own without steps). `pad_index`: a zero padding before it, absorbed into
+    its padding (x and pads are then the padding's input and the sum of both)."""
 
     def __init__(self, conv_index, x, w, strides, pads, groups):
         self.conv_index, self.x, self.w = conv_index, x, w
         self.strides, self.pads, self.groups = strides, pads, groups
         self.steps: list[tuple[int, str, object]] = []
+        self.pad_index = None
+
+    @property
+    def end(self) -> int:
+        return self.steps[-1][0] if self.steps else self.conv_index
+
+    @property
+    def absorbed(self) -> list[int]:
+        """The eqns the fused call replaces, but the last."""
+        return [i for i in (self.pad_index, self.conv_index, *(s[0] for s in self.steps)) if i is not None][:-1]
 
     def operand(self, part):
         return next((v for _, p, v in self.steps if p == part), None)
@@ -83,7 +95,7 @@ class _Chain:
         return next((p for _, p, _ in self.steps if p in onednn.ACTIVATIONS), None)
 
     def describe(self) -> str:
-        return "+".join(p for _, p, _ in self.steps)
+        return "+".join((["pad"] if self.pad_index is not None else []) + [p for _, p, _ in self.steps])
 
 
 def _attribute(params, name):
@@ -125,6 +137,35 @@ def _body(eqn):
     return jaxpr.invars[0], jaxpr.eqns, jaxpr.outvars[0]
 
 
+def _zero_pad(eqn):
+    """(x, ((top, bottom), (left, right))) of an eqn that pads an NHWC map x with zeros along its
+    height and width only (`lax.pad`, or `jnp.pad`'s jit around it: Keras's ZeroPadding2D,
+    EfficientNet's padding before a strided convolution), else None."""
+    if eqn.primitive.name == "pad":
+        x, config = eqn.invars[0], eqn.params["padding_config"]
+        if not _is_zero(eqn.invars[1]):
+            return None
+    elif eqn.primitive.name in ("pjit", "jit"):
+        inner = eqn.params["jaxpr"].jaxpr
+        pads = [e for e in inner.eqns if e.primitive.name == "pad"]
+        if len(pads) != 1 or len(inner.eqns) > 2 or pads[0].outvars != inner.outvars \
+                or pads[0].invars[0] is not inner.invars[0]:
+            return None
+        value = pads[0].invars[1]  # a zero here, or a zero passed in and converted to the dtype
+        if not _is_zero(value):
+            cast = [e for e in inner.eqns if e.primitive.name == "convert_element_type" and e.outvars[0] is value]
+            passed = [v for v, inner_v in zip(eqn.invars, inner.invars) if cast and inner_v is cast[0].invars[0]]
+            if not passed or not _is_zero(passed[0]):
+                return None
+        x, config = eqn.invars[0], pads[0].params["padding_config"]
+    else:
+        return None
+    if len(config) != 4 or config[0] != (0, 0, 0) or config[3] != (0, 0, 0) \
+            or any(lo < 0 or hi < 0 or interior for lo, hi, interior in config[1:3]):
+        return None
+    return x, tuple((int(lo), int(hi)) for lo, hi, _ in config[1:3])
+
+
 def _is_zero(v) -> bool:
     return isinstance(v, jax_core.Literal) and not v.aval.shape and v.val == 0
 
@@ -159,12 +200,13 @@ def _per_channel(v, channels) -> bool:
 
 def _chains(jaxpr) -> dict[int, _Chain]:
     """The fusable chains of one jaxpr (not of the jaxprs inside it), by their last eqn's index."""
-    uses, consumer = Counter(), {}
+    uses, consumer, producer = Counter(), {}, {}
     for index, eqn in enumerate(jaxpr.eqns):
         for v in eqn.invars:
             if isinstance(v, jax_core.Var):
                 uses[v] += 1
                 consumer[v] = index
+        producer.update((v, index) for v in eqn.outvars)
     uses.update(v for v in jaxpr.outvars if isinstance(v, jax_core.Var))
 
     chains, claimed = {}, set()
@@ -173,6 +215,11 @@ def _chains(jaxpr) -> dict[int, _Chain]:
         if conv is None:
             continue
         chain = _Chain(index, *conv)
+        padded = _zero_pad(jaxpr.eqns[producer[chain.x]]) if chain.x in producer and uses[chain.x] == 1 else None
+        if padded is not None:
+            chain.pad_index = producer[chain.x]
+            chain.x = padded[0]
+            chain.pads = tuple((lo + a, hi + b) for (lo, hi), (a, b) in zip(chain.pads, padded[1]))
         value = eqn.outvars[0]
         channels = value.aval.shape[-1]
         parts = set()
@@ -198,9 +245,10 @@ def _chains(jaxpr) -> dict[int, _Chain]:
             chain.steps.append((consumer[value], part, operand))
             parts.add(part)
             value = step.outvars[0]
-        if chain.steps and onednn.supports_post(chain.x.aval, chain.w.aval, chain.strides, chain.pads, chain.groups,
-                                                activation=chain.activation, residual="sum" in parts):
-            chains[chain.steps[-1][0]] = chain
+        if (chain.steps or chain.pad_index is not None) and onednn.supports_post(
+                chain.x.aval, chain.w.aval, chain.strides, chain.pads, chain.groups, activation=chain.activation,
+                residual="sum" in parts):
+            chains[chain.end] = chain
             claimed.update(i for i, _, _ in chain.steps)
     return chains
 
@@ -215,7 +263,7 @@ def _evaluate(jaxpr, consts, args):
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     chains = _chains(jaxpr)
-    absorbed = {i for chain in chains.values() for i in (chain.conv_index, *(s[0] for s in chain.steps[:-1]))}
+    absorbed = {i for chain in chains.values() for i in chain.absorbed}
     for index, eqn in enumerate(jaxpr.eqns):
         if index in absorbed:
             continue
