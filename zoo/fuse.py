@@ -12,7 +12,9 @@ in the convolution's own output pass ("post-ops"), which is what PyTorch's CPU i
 
 of a oneDNN forward convolution (`zoo.onednn`, routed there by `zoo.cpu_conv`) replaced by one
 `zoo.onednn.forward_post` call, where each intermediate value is read by the next step alone and
-oneDNN builds an optimized primitive for it. The chain is read from the program, not from module
+oneDNN builds an optimized primitive for it. A zero padding of x's height and width that only the
+convolution reads (`jnp.pad` before a VALID convolution: Keras's ZeroPadding2D, EfficientNet's
+strided convolutions) becomes the convolution's own padding. The chain is read from the program, not from module
 names, so it works for any model (a zoo classifier, a converted FCN, a user's network); with
 `convert.fold_batchnorm` first, a Conv-BatchNorm-ReLU becomes one call. Everything else is bound
 as it was, so results equal `fn`'s to float rounding. Inference only: the fused call has no
