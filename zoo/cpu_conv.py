@@ -17,9 +17,11 @@ Measured on the 2-core machine of docs/BENCHMARKS.md (batch 8 at 56x56 unless no
   - max-pooling's gradient skips select-and-scatter (`max_pool`, used by `zoo.layers.MaxPool`);
   - in a training step, oneDNN (zoo/onednn.py, when built) runs most forward convolutions and their
     input and kernel gradients, depthwise ones included (`_onednn_plan` says which, and why);
-    in inference the forward of the same ones, narrow ones over small maps excepted (`_conv`, `_grouped`).
+    in inference the forward of the same ones, narrow ones over small maps excepted (`_conv`, `_grouped`),
+    and large max-poolings' forward (`ONEDNN_POOL_MIN_SIZE`); `zoo.fuse` then runs a convolution's
+    bias, residual sum and activation in its oneDNN call at inference.
 Other convolutions keep XLA's forward kernel and input gradient, and so do small ones
-(`MIN_WORK`). Whole models, side by side:
+(`MIN_WORK`; depthwise ones go to oneDNN at any size). Whole models, side by side:
 scripts/bench_cpu_conv.py (ResNet-50 training step 1.9x, EfficientNet-B0 5.8x, Xception 4.1x).
 
 `use_cpu_conv(model)` sets this function on every `nnx.Conv` of a model (an NNX Conv may
