@@ -69,19 +69,24 @@ def randomized(network):
     return network
 
 
-@needs_onednn
-def test_a_folded_network_fuses_its_epilogues_and_keeps_its_outputs():
+def folded_network():
+    """(unfused forward, its state, the folded network's forward, its state, x) of `Network`."""
     network = randomized(Network(nnx.Rngs(0)))
     cpu_conv.use_cpu_conv(network)
-    x = jax.random.normal(jax.random.key(1), (2, 24, 24, 16))
     graphdef, state = nnx.split(network)
     folded_graphdef, folded = nnx.split(fold_batchnorm(network, (24, 24, 16)))
-    forward = lambda s, x: nnx.merge(folded_graphdef, s)(x)  # noqa: E731
+    return (lambda s, x: nnx.merge(graphdef, s)(x), state, lambda s, x: nnx.merge(folded_graphdef, s)(x), folded,
+            jax.random.normal(jax.random.key(1), (2, 24, 24, 16)))
+
+
+@needs_onednn
+def test_a_folded_network_fuses_its_epilogues_and_keeps_its_outputs():
+    unfused, state, forward, folded, x = folded_network()
     # The block's two branches meet in one sum: the first convolution traced takes it and the ReLU,
     # the shortcut keeps its bias. conv4's output (no bias) is read twice: it stays as it is.
     assert fusions(forward, folded, x) == {"bias+relu": 1, "bias+sum+relu": 1, "bias": 1, "bias+swish": 1}
     assert str(jax.make_jaxpr(conv_epilogues(forward))(folded, x)).count(onednn._POST_TARGET) == 4
-    want = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    want = jax.jit(unfused)(state, x)
     got = jax.jit(conv_epilogues(forward))(folded, x)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
@@ -125,3 +130,16 @@ def test_zero_padding_before_a_convolution_becomes_its_padding():
         assert fusions(forward, x) == {fused: 1}, name
         np.testing.assert_allclose(jax.jit(conv_epilogues(forward))(x), jax.jit(forward)(x), rtol=1e-5, atol=1e-5,
                                    err_msg=name)
+
+
+@needs_onednn
+def test_a_chain_onednn_cannot_take_whole_fuses_its_longest_part_it_can(monkeypatch):
+    unfused, state, forward, folded, x = folded_network()
+    supports = onednn.supports_post
+    monkeypatch.setattr(onednn, "supports_post",
+                        lambda *args, activation=None, **kw: activation != "swish" and supports(
+                            *args, activation=activation, **kw))
+    assert fusions(forward, folded, x) == {"bias+relu": 1, "bias+sum+relu": 1, "bias": 2}  # conv3: no swish
+    want = jax.jit(unfused)(state, x)
+    for a, b in zip(jax.jit(conv_epilogues(forward))(folded, x), want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))

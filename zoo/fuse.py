@@ -247,11 +247,16 @@ def _chains(jaxpr) -> dict[int, _Chain]:
             chain.steps.append((consumer[value], part, operand))
             parts.add(part)
             value = step.outvars[0]
-        if (chain.steps or chain.pad_index is not None) and onednn.supports_post(
-                chain.x.aval, chain.w.aval, chain.strides, chain.pads, chain.groups, activation=chain.activation,
-                residual="sum" in parts):
-            chains[chain.end] = chain
-            claimed.update(i for i, _, _ in chain.steps)
+        # Where oneDNN has no optimized primitive for the whole chain, a shorter one may still fuse.
+        while chain.steps or chain.pad_index is not None:
+            if onednn.supports_post(chain.x.aval, chain.w.aval, chain.strides, chain.pads, chain.groups,
+                                    activation=chain.activation, residual=chain.operand("sum") is not None):
+                chains[chain.end] = chain
+                claimed.update(i for i, _, _ in chain.steps)
+                break
+            if not chain.steps:
+                break
+            chain.steps.pop()
     return chains
 
 
