@@ -3,7 +3,9 @@
 `conv(x, w, strides, pads, groups)` is a float32 NHWC/HWIO convolution whose forward pass, input
 gradient and kernel gradient are oneDNN primitives (the library PyTorch runs on CPU);
 `zoo.cpu_conv.conv_general_dilated` sends it the convolutions where it is measured faster than
-XLA's (see there). The library is built by scripts/build-onednn (from scripts/setup-env) into
+XLA's (see there). For inference, `forward_post` adds a bias, a residual and an activation in the
+convolution's output pass (`zoo.fuse` finds where), and `max_pool` is oneDNN's max pooling
+(`zoo.cpu_conv.max_pool` sends it large ones). The library is built by scripts/build-onednn (from scripts/setup-env) into
 the virtual environment, next to the oneDNN wheel (onednn-cpu-gomp). Where it is missing or does
 not load, `available()` is False, one warning says why, and zoo keeps its other paths;
 FCNZOO_ONEDNN=0 turns it off (for A/B runs). Only ever used with the CPU backend, and only for
