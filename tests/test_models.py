@@ -125,7 +125,8 @@ def test_forward_backward_reaches_every_parameter(name):
     assert logits.shape == (2, 7)
     assert bool(jnp.all(jnp.isfinite(logits)))
     flat = jax.tree.leaves_with_path(nnx.state(grads, nnx.Param))
-    dead = [jax.tree_util.keystr(p) for p, g in flat if not bool(jnp.any(g != 0))]
+    # numpy, not jnp: one jnp check per parameter shape would compile hundreds of tiny programs.
+    dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g) != 0)]
     assert not dead, f"parameters with zero gradient: {dead[:10]}"
     # Eval mode runs too, and deterministically.
     model.eval()
