@@ -115,8 +115,9 @@ ONEDNN_POOL_MIN_SIZE = 1 << 21
 # one big product beats many thin ones, and the patches are small.
 IM2COL_MAX_DEPTH = 64
 
-# Up to this many patch elements (N x Ho x Wo x taps x C_in), a kernel gradient XLA computes is one
-# product of the im2col patches with dy rather than one product per tap: ResNet-50's 7x7 stem
+# Up to this many patch elements (N x Ho x Wo x taps x C_in), a kernel gradient XLA computes (without
+# oneDNN, or where it does not take the convolution) is one product of the im2col patches with dy
+# rather than one product per tap: ResNet-50's 7x7 stem
 # (batch 8: 59 MB of patches) made the training step 1.15x faster, an MNIST net's narrow layers
 # 1.11x, Xception's 32->64 1.04x (per tap, XLA:CPU splits each long product into many small
 # oneDNN sgemm calls, each taking a workspace from malloc). Beyond it, the per-tap products save the

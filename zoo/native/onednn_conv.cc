@@ -1,6 +1,6 @@
 // oneDNN convolutions as XLA:CPU FFI custom calls (zoo/onednn.py loads and registers them).
 //
-// Three handlers, float32, NHWC activations and HWIO kernels as XLA lays them out (row-major):
+// Handlers, float32, NHWC activations and HWIO kernels as XLA lays them out (row-major):
 //   fcnzoo_onednn_conv_fwd          (x, w)  -> y
 //   fcnzoo_onednn_conv_bwd_data     (dy, w) -> dx
 //   fcnzoo_onednn_conv_bwd_weights  (x, dy) -> dw
@@ -10,10 +10,10 @@
 // Attributes: strides, pad_lo, pad_hi (2 each), groups, layout (and activation, for _post). The
 // third tensor's shape is the result's. The _post handler runs the bias, the residual sum and one
 // activation in the convolution's own output pass (oneDNN's post-ops); its result is r's buffer
-// (aliased by the caller), which oneDNN's sum post-op reads and overwrites. layout 0: activations stay NHWC (oneDNN's nxc kernels), the kernel goes to the
-// primitive's own blocked format; layout 1: every tensor in the primitive's chosen format, reordered
-// from and to NHWC/HWIO at the boundaries (measured no faster here; scripts/bench_onednn.py
-// --layout 1). Primitives are built once per shape and kept (a mutex-guarded cache); scratchpads
+// (aliased by the caller), which oneDNN's sum post-op reads and overwrites. layout 0: activations
+// stay NHWC (oneDNN's nxc kernels), the kernel goes to the primitive's own blocked format; layout 1:
+// every tensor in the primitive's chosen format, reordered from and to NHWC/HWIO at the boundaries
+// (measured no faster here; scripts/bench_onednn.py --layout 1). Primitives are built once per shape and kept (a mutex-guarded cache); scratchpads
 // and reorder buffers are per thread. oneDNN here is its OpenMP build: each primitive runs on
 // every core, so calls run one at a time (FCNZOO_ONEDNN_SERIAL=0 lets XLA overlap them).
 #include <algorithm>
@@ -158,16 +158,22 @@ std::unique_ptr<Entry> Build(Kind kind, const Shape& s) {
   return entry;
 }
 
-const Entry& Lookup(Kind kind, const Shape& s) {
-  using Key = std::array<int64_t, 20>;
+// The primitive entry of `key`, built by `build()` on first use and kept: one mutex-guarded cache
+// per entry type (built under the lock: once per shape).
+template <typename T, typename Key, typename Builder>
+const T& Cached(const Key& key, Builder build) {
   static std::mutex mutex;
-  static std::map<Key, std::unique_ptr<Entry>> cache;
-  Key key{kind, s.n, s.h, s.w, s.c, s.kh, s.kw, s.i, s.o, s.oh, s.ow, s.sh, s.sw, s.plh, s.plw, s.phh, s.phw,
-          s.groups, s.layout, s.post};
+  static std::map<Key, std::unique_ptr<T>> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(key);
-  if (found == cache.end()) found = cache.emplace(key, Build(kind, s)).first;  // under the lock: once per shape
+  if (found == cache.end()) found = cache.emplace(key, build()).first;
   return *found->second;
+}
+
+const Entry& Lookup(Kind kind, const Shape& s) {
+  std::array<int64_t, 20> key{kind, s.n, s.h, s.w, s.c, s.kh, s.kw, s.i, s.o, s.oh, s.ow, s.sh, s.sw, s.plh,
+                              s.plw, s.phh, s.phw, s.groups, s.layout, s.post};
+  return Cached<Entry>(key, [&] { return Build(kind, s); });
 }
 
 // A per-thread buffer that grows to the largest size asked of it (64-byte aligned), kept between
@@ -306,11 +312,7 @@ struct PoolEntry {
 };
 
 const PoolEntry& LookupPool(const PoolShape& s) {
-  static std::mutex mutex;
-  static std::map<PoolShape, std::unique_ptr<PoolEntry>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = cache.find(s);
-  if (found == cache.end()) {
+  return Cached<PoolEntry>(s, [&] {
     auto& e = Engine();
     dnnl::pooling_forward::primitive_desc pd(e, dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max,
                                              Nhwc(s[0], s[3], s[1], s[2]), Nhwc(s[0], s[3], s[4], s[5]),
@@ -319,9 +321,8 @@ const PoolEntry& LookupPool(const PoolShape& s) {
     auto entry = std::make_unique<PoolEntry>();
     entry->impl = pd.impl_info_str();
     entry->primitive = dnnl::pooling_forward(pd);
-    found = cache.emplace(s, std::move(entry)).first;
-  }
-  return *found->second;
+    return entry;
+  });
 }
 
 ffi::Error MaxPool(F32 x, ffi::ResultBuffer<ffi::F32, 4> y, Ints window, Ints strides, Ints lo, Ints hi) {
